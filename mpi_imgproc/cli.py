@@ -1,0 +1,159 @@
+"""The ``mpi-imgproc`` command line.
+
+Sub-commands: ``ops`` (list ops), ``run --local`` (the local reference), and the cluster
+client commands added by :mod:`mpi_imgproc.client_cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ImgprocError, describe
+from .imageio import FORMATS, output_path, read_image, write_image
+from .local_engines import ENGINES, get_engine
+from .ops import REGISTRY
+from .pipeline import Pipeline
+from .tiling import run_pipeline
+
+DEFAULT_SERVER = "tcp://127.0.0.1:5555"
+
+
+def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+    """``--op SPEC`` (repeatable, in order) and ``--pipeline FILE``."""
+    parser.add_argument(
+        "--op",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="an op as NAME or NAME:key=value,...; repeat to chain (see `mpi-imgproc ops`)",
+    )
+    parser.add_argument("--pipeline", metavar="FILE", help="a JSON pipeline file instead of --op")
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """``-o OUTDIR`` and ``--format``."""
+    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="same", help="output format (same: as the input)"
+    )
+
+
+def pipeline_from_args(args: argparse.Namespace) -> Pipeline:
+    """The pipeline named by ``--op`` flags or ``--pipeline``; exactly one of them."""
+    if args.pipeline and args.op:
+        raise ImgprocError("give --op flags or --pipeline, not both")
+    if args.pipeline:
+        return Pipeline.load(args.pipeline)
+    if not args.op:
+        raise ImgprocError("no op given: add --op NAME (see `mpi-imgproc ops`)")
+    return Pipeline.parse(args.op)
+
+
+def output_paths(files: Sequence[str], outdir: str, fmt: str) -> list[Path]:
+    """Output path per input; two inputs writing the same output is an error."""
+    paths = [output_path(f, outdir, fmt) for f in files]
+    seen: dict[Path, str] = {}
+    for source, path in zip(files, paths):
+        if path in seen:
+            raise ImgprocError(f"{seen[path]} and {source} would both be written to {path}")
+        seen[path] = source
+    return paths
+
+
+def cmd_ops(args: argparse.Namespace) -> int:
+    """Print every op with its class, halo and parameters (``--json`` for machines)."""
+    described = [op.describe() for op in REGISTRY.values()]
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    for d in described:
+        halo = d["halo_at_defaults"]
+        where = f"halo {halo} at defaults" if halo is not None else "whole-image statistic"
+        if d["class"] == "geometric" or (d["class"] == "global" and not d["tiled"]):
+            where = "runs on the whole image"
+        print(f"{d['name']:<20} {d['class']:<14} {where}")
+        print(f"    {d['doc']}")
+        for p in d["params"]:
+            extra = f" one of {', '.join(map(str, p['choices']))}" if "choices" in p else ""
+            rng = ""
+            if "minimum" in p or "maximum" in p:
+                rng = f" [{p.get('minimum', '')}..{p.get('maximum', '')}]"
+            print(f"    {p['name']}={p['default']} ({p['type']}{rng}{extra}): {p['doc']}")
+        print(f"    depths: {', '.join(d['depths'])}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Process files in this process: the local reference the cluster is compared against."""
+    if not args.local:
+        from .client_cli import cmd_submit
+
+        return cmd_submit(args)
+    pipeline = pipeline_from_args(args)
+    outputs = output_paths(args.files, args.output, args.format)
+    failed = 0
+    started = time.perf_counter()
+    with get_engine(args.engine, args.workers) as engine:
+        for source, target in zip(args.files, outputs):
+            try:
+                image = read_image(source)
+                write_image(target, run_pipeline(pipeline, image, engine, args.tile))
+            except Exception as exc:  # noqa: BLE001 - one bad file must not stop the rest
+                failed += 1
+                print(f"error: {source}: {describe(exc)}", file=sys.stderr)
+    done = len(args.files) - failed
+    elapsed = time.perf_counter() - started
+    print(f"{done} of {len(args.files)} images written to {args.output} in {elapsed:.2f} s")
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``mpi-imgproc`` parser."""
+    parser = argparse.ArgumentParser(
+        prog="mpi-imgproc", description="Exact, tiled image processing on an MPI cluster."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ops = sub.add_parser("ops", help="list the ops, their classes, halos and parameters")
+    ops.add_argument("--json", action="store_true", help="print a JSON list")
+    ops.set_defaults(func=cmd_ops)
+
+    run = sub.add_parser("run", help="process files (--local: in this process)")
+    run.add_argument("files", nargs="+", metavar="FILE")
+    run.add_argument("--local", action="store_true", help="run here instead of on a server")
+    add_output_options(run)
+    add_pipeline_options(run)
+    run.add_argument("--engine", choices=ENGINES, default="threads", help="local engine")
+    run.add_argument("--tile", type=int, default=0, help="tile size in pixels; 0: whole image")
+    run.add_argument("--workers", type=int, default=None, help="engine workers (default: cores)")
+    run.add_argument("--server", default=DEFAULT_SERVER, help="server address without --local")
+    run.set_defaults(func=cmd_run)
+
+    try:
+        from .client_cli import add_client_commands
+    except ImportError:  # the cluster client is optional for the local commands
+        pass
+    else:
+        add_client_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mpi-imgproc`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ImgprocError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The one interface every local engine implements: run tiles through a stage."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from ..pipeline import Stage
+from ..tiling import Box, crop_halo
+
+
+def process_tile(stage: Stage, pixels: np.ndarray, margins: Box) -> np.ndarray:
+    """Run ``stage`` on one tile region and crop its halo off: the unit of work of every engine."""
+    return crop_halo(stage.process(pixels), margins)
+
+
+def default_workers() -> int:
+    """Cores this process may use (respects CPU affinity, e.g. under Slurm or taskset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Engine(ABC):
+    """Runs a stage over many tiles inside one process (or its helpers).
+
+    Engines own the parallelism: they pin OpenCV to one thread per call so that the engine's
+    workers and OpenCV's own pool do not fight over the same cores.
+    """
+
+    name = "engine"
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or default_workers()
+        cv2.setNumThreads(1)
+
+    @abstractmethod
+    def run(
+        self, stage: Stage, pieces: Sequence[np.ndarray], margins: Sequence[Box]
+    ) -> list[np.ndarray]:
+        """Process each piece (a tile region) with ``stage``; results in the same order."""
+
+    def close(self) -> None:
+        """Release threads, processes or device memory."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> dict[str, object]:
+        """Name and worker count, for ``info`` and benchmark reports."""
+        return {"engine": self.name, "workers": self.workers}

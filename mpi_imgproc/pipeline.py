@@ -1,0 +1,266 @@
+"""Pipelines: parse op specs, compose ops, and cut a pipeline into stages the tiler can run.
+
+A spec is ``NAME`` or ``NAME:key=value,key=value``; a pipeline is a list of specs applied in
+order.  The same pipeline travels as JSON: ``[{"op": "gaussian_blur", "params": {"ksize": 9}}]``.
+
+``Pipeline.stages()`` groups steps so that each stage can be run tile by tile and give exactly
+the whole-image result:
+
+* ``TiledStage``  — a run of point and neighbourhood ops; its halo is the sum of their radii.
+* ``ReduceStage`` / ``ApplyStage`` — the two phases of a global op with a statistic
+  (per-tile histograms are summed, then applied per tile).
+* ``WholeStage``  — ops that need the whole image at once (Canny, geometric ops): one tile.
+
+Every stage has ``process(pixels) -> pixels`` and a JSON form, which is what engines, worker
+processes and MPI ranks receive.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidPipeline
+from .ops import Op, apply_table, check_image, get_op
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op with its validated parameters."""
+
+    op: Op
+    params: Mapping[str, Any]
+
+    @classmethod
+    def create(cls, name: str, raw: Mapping[str, Any] | None = None) -> Step:
+        """Look up ``name`` and validate ``raw`` parameters."""
+        op = get_op(name)
+        return cls(op, op.bind(raw))
+
+    @property
+    def halo(self) -> int:
+        """Pixels of real neighbours each tile edge needs for this step."""
+        return self.op.halo(self.params) if self.op.tileable else 0
+
+    def run(self, image: np.ndarray) -> np.ndarray:
+        """Apply the step to an image or tile."""
+        return self.op.run(image, self.params)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"op": name, "params": {...}}`` with every parameter spelled out."""
+        return {"op": self.op.name, "params": dict(self.params)}
+
+    def spec(self) -> str:
+        """The step as a ``NAME:key=value`` string."""
+        given = ",".join(f"{k}={v}" for k, v in self.params.items() if v is not None)
+        return f"{self.op.name}:{given}" if given else self.op.name
+
+
+def parse_spec(spec: str) -> Step:
+    """Parse ``NAME`` or ``NAME:key=value,key=value`` into a validated step."""
+    name, _, rest = spec.strip().partition(":")
+    if not name:
+        raise InvalidPipeline(f"empty op spec {spec!r}")
+    raw: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidPipeline(f"{name}: expected key=value, got {item!r} in spec {spec!r}")
+        raw[key.strip()] = value.strip()
+    return Step.create(name, raw)
+
+
+class Pipeline:
+    """An ordered list of steps, applied whole or cut into stages for tiling."""
+
+    def __init__(self, steps: Iterable[Step]):
+        self.steps: tuple[Step, ...] = tuple(steps)
+        if not self.steps:
+            raise InvalidPipeline("a pipeline needs at least one op")
+
+    @classmethod
+    def parse(cls, specs: Sequence[str]) -> Pipeline:
+        """Build from ``--op`` strings, in order."""
+        return cls(parse_spec(s) for s in specs)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Pipeline:
+        """Build from a JSON list whose items are spec strings or ``{"op", "params"}`` objects."""
+        if isinstance(data, Mapping) and "ops" in data:
+            data = data["ops"]
+        if not isinstance(data, list):
+            raise InvalidPipeline("a JSON pipeline must be a list of ops (or {'ops': [...]})")
+        steps = []
+        for i, item in enumerate(data):
+            if isinstance(item, str):
+                steps.append(parse_spec(item))
+            elif isinstance(item, Mapping) and isinstance(item.get("op"), str):
+                params = item.get("params", {})
+                if not isinstance(params, Mapping):
+                    raise InvalidPipeline(f"pipeline item {i}: 'params' must be an object")
+                steps.append(Step.create(item["op"], params))
+            else:
+                raise InvalidPipeline(
+                    f"pipeline item {i}: expected a spec string or {{'op': NAME, 'params': {{}}}}"
+                )
+        return cls(steps)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Pipeline:
+        """Read a JSON pipeline file."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise InvalidPipeline(f"pipeline file {path}: {exc}") from None
+        return cls.from_json(data)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """The pipeline as a JSON-ready list (the protocol's form)."""
+        return [s.to_json() for s in self.steps]
+
+    def __repr__(self) -> str:
+        return "Pipeline(" + " | ".join(s.spec() for s in self.steps) + ")"
+
+    @property
+    def halo(self) -> int:
+        """Largest halo any tiled stage needs."""
+        return max((s.halo for s in self.stages if isinstance(s, TiledStage)), default=0)
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        """The reference: every op on the whole image, in one process, in order."""
+        check_image(image)
+        for step in self.steps:
+            image = step.run(image)
+        return image
+
+    @cached_property
+    def stages(self) -> tuple[Stage, ...]:
+        """The steps grouped into stages that tile exactly (see the module docstring)."""
+        stages: list[Stage] = []
+        run: list[Step] = []
+        for step in self.steps:
+            if step.op.tileable:
+                run.append(step)
+                continue
+            if run:
+                stages.append(TiledStage(tuple(run)))
+                run = []
+            if step.op.two_phase:
+                stages.append(ReduceStage(step))
+            else:
+                stages.append(WholeStage((step,)))
+        if run:
+            stages.append(TiledStage(tuple(run)))
+        return tuple(stages)
+
+
+class Stage:
+    """A unit of tiled work: ``process`` maps one tile's pixels to its result."""
+
+    halo = 0
+    whole = False  # True: run on the whole image as one tile
+
+    def process(self, pixels: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class TiledStage(Stage):
+    """Point and neighbourhood steps run back to back on a tile with their summed halo."""
+
+    steps: tuple[Step, ...]
+
+    @property
+    def halo(self) -> int:  # type: ignore[override]
+        return sum(s.halo for s in self.steps)
+
+    def process(self, pixels: np.ndarray) -> np.ndarray:
+        for step in self.steps:
+            pixels = step.run(pixels)
+        return pixels
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": "tiled", "steps": [s.to_json() for s in self.steps]}
+
+
+@dataclass(frozen=True)
+class WholeStage(TiledStage):
+    """Steps that need the whole image at once: run as a single tile."""
+
+    whole = True
+
+    @property
+    def halo(self) -> int:  # type: ignore[override]
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": "whole", "steps": [s.to_json() for s in self.steps]}
+
+
+@dataclass(frozen=True)
+class ReduceStage(Stage):
+    """Phase one of a global op: each tile yields a statistic; statistics are summed."""
+
+    step: Step
+
+    def process(self, pixels: np.ndarray) -> np.ndarray:
+        self.step.op.check_image(pixels)
+        return self.step.op.reduce(pixels)
+
+    def applier(self, statistic: np.ndarray) -> ApplyStage:
+        """Phase two, with the summed statistic."""
+        return ApplyStage(self.step, np.asarray(statistic, dtype=np.int64))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": "reduce", "steps": [self.step.to_json()]}
+
+
+@dataclass(frozen=True, eq=False)
+class ApplyStage(Stage):
+    """Phase two of a global op: apply the whole image's statistic to each tile."""
+
+    step: Step
+    statistic: np.ndarray
+
+    @cached_property
+    def table(self) -> np.ndarray:
+        """The lookup table made once from the statistic, then shared by every tile."""
+        return self.step.op.table(self.statistic, **self.step.params)
+
+    def process(self, pixels: np.ndarray) -> np.ndarray:
+        self.step.op.check_image(pixels)
+        return apply_table(pixels, self.table)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": "apply",
+            "steps": [self.step.to_json()],
+            "statistic": self.statistic.tolist(),
+        }
+
+
+def stage_from_json(data: Mapping[str, Any]) -> Stage:
+    """Rebuild a stage sent to a worker process or rank (parameters are re-validated)."""
+    try:
+        steps = tuple(Step.create(s["op"], s.get("params")) for s in data["steps"])
+        kind = data["stage"]
+    except (KeyError, TypeError) as exc:
+        raise InvalidPipeline(f"malformed stage description: {exc}") from None
+    if kind == "tiled":
+        return TiledStage(steps)
+    if kind == "whole":
+        return WholeStage(steps)
+    if kind == "reduce":
+        return ReduceStage(steps[0])
+    if kind == "apply":
+        return ApplyStage(steps[0], np.asarray(data["statistic"], dtype=np.int64))
+    raise InvalidPipeline(f"unknown stage kind {kind!r}")
