@@ -136,6 +136,9 @@ class Op:
     halo: Callable[[Mapping[str, Any]], int] = field(default=lambda p: 0)
     depths: tuple[np.dtype, ...] = U8_U16
     channels: tuple[int, ...] = (1, 3, 4)
+    # True for float kernels whose SIMD body and scalar tail round differently: the result of a
+    # pixel then depends on its column within the tile, so tiles must span whole rows.
+    full_rows: bool = False
     # Two-phase global ops: reduce(tile) -> statistic (summed over tiles), then
     # table(statistic, **params) -> a lookup table applied to every tile.
     reduce: Callable[[np.ndarray], np.ndarray] | None = None
@@ -185,6 +188,10 @@ class Op:
     def run(self, image: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
         """Apply the op with already-bound ``params`` to a whole image (or a tile)."""
         self.check_image(image)
+        # Intel IPP replaces some OpenCV kernels (bilateral among them) for some image sizes
+        # only, and rounds differently, so a tile could differ from the whole image.  The
+        # switch is per thread in OpenCV, hence here, on every call (it costs under 1 µs).
+        cv2.ipp.setUseIPP(False)
         return self.func(image, **params)
 
     def describe(self) -> dict[str, Any]:
@@ -200,6 +207,7 @@ class Op:
             "doc": self.doc,
             "halo_at_defaults": halo if self.tileable else None,
             "tiled": self.tileable or self.two_phase,
+            "full_rows": self.full_rows,
             "depths": [f"uint{d.itemsize * 8}" for d in self.depths],
             "channels": list(self.channels),
             "params": [p.describe() for p in self.params],
@@ -491,8 +499,10 @@ _register(
             Param("sigma_color", float, 75.0, "range sigma", minimum=0.01, maximum=10000.0),
             Param("sigma_space", float, 75.0, "spatial sigma", minimum=0.01, maximum=10000.0),
         ),
-        halo=lambda p: p["d"] // 2,
+        halo=lambda p: max(1, p["d"] // 2),  # OpenCV uses a radius of at least 1
         depths=U8,
+        channels=(1, 3),
+        full_rows=True,
     )
 )
 _register(

@@ -165,6 +165,7 @@ class Stage:
 
     halo = 0
     whole = False  # True: run on the whole image as one tile
+    full_rows = False  # True: tiles must span whole rows (strips), see Op.full_rows
 
     def process(self, pixels: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -182,6 +183,10 @@ class TiledStage(Stage):
     @property
     def halo(self) -> int:  # type: ignore[override]
         return sum(s.halo for s in self.steps)
+
+    @property
+    def full_rows(self) -> bool:  # type: ignore[override]
+        return any(s.op.full_rows for s in self.steps)
 
     def process(self, pixels: np.ndarray) -> np.ndarray:
         for step in self.steps:

@@ -45,24 +45,28 @@ class Tile:
         return image[y0:y1, x0:x1]
 
 
-def tile_grid(height: int, width: int, tile_size: int) -> list[Box]:
+def tile_grid(height: int, width: int, tile_size: int, full_rows: bool = False) -> list[Box]:
     """Core boxes of a grid of ``tile_size`` squares; the last row and column may be smaller.
 
-    ``tile_size <= 0`` means one tile covering the whole image.
+    ``tile_size <= 0`` means one tile covering the whole image; ``full_rows`` makes strips of
+    ``tile_size`` rows that span the whole width.
     """
     if tile_size <= 0:
         return [(0, height, 0, width)]
+    step_x = width if full_rows else tile_size
     return [
-        (y, min(y + tile_size, height), x, min(x + tile_size, width))
+        (y, min(y + tile_size, height), x, min(x + step_x, width))
         for y in range(0, height, tile_size)
-        for x in range(0, width, tile_size)
+        for x in range(0, width, step_x)
     ]
 
 
-def split_with_halo(height: int, width: int, tile_size: int, halo: int) -> list[Tile]:
+def split_with_halo(
+    height: int, width: int, tile_size: int, halo: int, full_rows: bool = False
+) -> list[Tile]:
     """Tiles covering a ``height`` × ``width`` image, each with ``halo`` pixels of context."""
     tiles = []
-    for i, (y0, y1, x0, x1) in enumerate(tile_grid(height, width, tile_size)):
+    for i, (y0, y1, x0, x1) in enumerate(tile_grid(height, width, tile_size, full_rows)):
         region = (
             max(0, y0 - halo),
             min(height, y1 + halo),
@@ -119,7 +123,8 @@ def run_stage(stage: Stage, image: np.ndarray, engine: Engine, tile_size: int) -
         parts = split_with_halo(height, width, tile_size, 0)
         stats = engine.run(stage, [t.region_of(image) for t in parts], [t.margins for t in parts])
         stage = stage.applier(np.sum(stats, axis=0))
-    tiles = split_with_halo(height, width, 0 if stage.whole else tile_size, stage.halo)
+    size = 0 if stage.whole else tile_size
+    tiles = split_with_halo(height, width, size, stage.halo, stage.full_rows)
     results = engine.run(stage, [t.region_of(image) for t in tiles], [t.margins for t in tiles])
     merger = Merger(height, width, tiles)
     for tile, result in zip(tiles, results):
