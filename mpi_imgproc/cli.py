@@ -1,7 +1,8 @@
 """The ``mpi-imgproc`` command line.
 
 Sub-commands: ``ops`` (list ops), ``run --local`` (the local reference), and the cluster
-client commands added by :mod:`mpi_imgproc.client_cli`.
+client commands of :mod:`mpi_imgproc.client_cli` (``submit``, ``status``, ``cancel``, ``info``,
+``keys``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .client_cli import add_client_commands
 from .errors import ImgprocError, describe
 from .imageio import FORMATS, output_path, read_image, write_image
 from .local_engines import ENGINES, get_engine
 from .ops import REGISTRY
 from .pipeline import Pipeline
 from .tiling import run_pipeline
-
-DEFAULT_SERVER = "tcp://127.0.0.1:5555"
 
 
 def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
@@ -91,9 +91,7 @@ def cmd_ops(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Process files in this process: the local reference the cluster is compared against."""
     if not args.local:
-        from .client_cli import cmd_submit
-
-        return cmd_submit(args)
+        raise ImgprocError("run works in this process: add --local (or use `submit` for a server)")
     pipeline = pipeline_from_args(args)
     outputs = output_paths(args.files, args.output, args.format)
     failed = 0
@@ -123,23 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--json", action="store_true", help="print a JSON list")
     ops.set_defaults(func=cmd_ops)
 
-    run = sub.add_parser("run", help="process files (--local: in this process)")
+    run = sub.add_parser("run", help="process files in this process (the local reference)")
     run.add_argument("files", nargs="+", metavar="FILE")
-    run.add_argument("--local", action="store_true", help="run here instead of on a server")
+    run.add_argument("--local", action="store_true", help="required: run in this process")
     add_output_options(run)
     add_pipeline_options(run)
     run.add_argument("--engine", choices=ENGINES, default="threads", help="local engine")
     run.add_argument("--tile", type=int, default=0, help="tile size in pixels; 0: whole image")
     run.add_argument("--workers", type=int, default=None, help="engine workers (default: cores)")
-    run.add_argument("--server", default=DEFAULT_SERVER, help="server address without --local")
     run.set_defaults(func=cmd_run)
 
-    try:
-        from .client_cli import add_client_commands
-    except ImportError:  # the cluster client is optional for the local commands
-        pass
-    else:
-        add_client_commands(sub)
+    add_client_commands(sub)
     return parser
 
 

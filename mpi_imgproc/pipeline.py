@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +269,13 @@ def stage_from_json(data: Mapping[str, Any]) -> Stage:
     if kind == "apply":
         return ApplyStage(steps[0], np.asarray(data["statistic"], dtype=np.int64))
     raise InvalidPipeline(f"unknown stage kind {kind!r}")
+
+
+@lru_cache(maxsize=256)
+def stage_from_text(text: str) -> Stage:
+    """``stage_from_json`` of a JSON string, cached: many tiles share one stage."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InvalidPipeline(f"malformed stage description: {exc}") from None
+    return stage_from_json(data)

@@ -16,14 +16,13 @@ import multiprocessing as mp
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from functools import lru_cache
 from multiprocessing.shared_memory import SharedMemory
 
 import cv2
 import numpy as np
 
 from ..errors import ImgprocError
-from ..pipeline import Stage, stage_from_json
+from ..pipeline import Stage, stage_from_text
 from ..tiling import Box
 from .base import Engine, process_tile
 
@@ -40,11 +39,6 @@ def _child_init() -> None:
     cv2.setNumThreads(1)
 
 
-@lru_cache(maxsize=64)
-def _stage(stage_json: str) -> Stage:
-    return stage_from_json(json.loads(stage_json))
-
-
 def _to_shared(array: np.ndarray) -> tuple[SharedMemory, Descriptor]:
     shm = SharedMemory(create=True, size=max(1, array.nbytes))
     np.ndarray(array.shape, array.dtype, buffer=shm.buf)[...] = array
@@ -56,7 +50,7 @@ def _child_run(stage_json: str, source: Descriptor, margins: Box) -> Descriptor:
     shm = SharedMemory(name=name)
     try:
         pixels = np.ndarray(shape, np.dtype(dtype), buffer=shm.buf)
-        result = process_tile(_stage(stage_json), pixels, margins)
+        result = process_tile(stage_from_text(stage_json), pixels, margins)
         del pixels
     finally:
         shm.close()

@@ -1,0 +1,376 @@
+"""Rank 0's scheduler: jobs → images → stages → tile tasks, handed out dynamically.
+
+The scheduler knows nothing about ZeroMQ or folders: a front (the ZeroMQ server, the batch
+runner) adds jobs and hears about them through a :class:`JobListener`.  It knows nothing about
+MPI either: tasks go to a :class:`Backend` (worker ranks, or a local engine when running alone).
+
+Scheduling is dynamic: each worker has a bounded number of tasks in flight, and the next task
+goes out when a result comes back, so a slow rank gets less work.  Jobs take turns (round
+robin), so a large job does not starve a small one submitted after it.  Results are merged in
+whatever order they arrive.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import LimitExceeded, describe, error_code
+from .pipeline import Pipeline, ReduceStage, Stage
+from .tiling import Merger, Tile, split_with_halo
+
+# Below this many pixels an image goes to one worker whole: cutting, sending and merging tiles
+# costs more than it saves (a 1000×1000 grayscale takes well under a millisecond in OpenCV).
+WHOLE_IMAGE_PIXELS = 1_000_000
+
+
+@dataclass
+class Task:
+    """One tile of one stage of one image, waiting for or on a worker."""
+
+    id: int
+    image: ImageWork
+    stage_json: str
+    tile: Tile
+    pixels: np.ndarray
+    sent_at: float = 0.0
+    rank: int = -1
+
+
+@dataclass
+class Completion:
+    """What a backend reports for a finished task."""
+
+    task_id: int
+    result: np.ndarray | None
+    error: tuple[str, str] | None  # (code, message)
+    rank: int
+    busy: float = 0.0
+    cpu: float = 0.0
+    maxrss_kb: int = 0
+
+
+@dataclass
+class ImageWork:
+    """One image of a job moving through the pipeline's stages."""
+
+    job: Job
+    index: int
+    name: str
+    load: Callable[[], np.ndarray]  # decodes lazily, when the image starts
+    pixels: np.ndarray | None = None
+    stages: list[Stage] = field(default_factory=list)
+    stage_no: int = 0
+    pending: int = 0
+    merger: Merger | None = None
+    statistic: np.ndarray | None = None
+    tiles_used: int = 0
+    path: str = "whole"
+    finished: bool = False
+
+
+@dataclass
+class Job:
+    """A client's request: a pipeline over some images, and where it stands."""
+
+    id: str
+    pipeline: Pipeline
+    tile: int | str
+    listener: JobListener
+    owner: Any = None
+    state: str = "queued"
+    images: list[ImageWork] = field(default_factory=list)
+    ready: deque[Task] = field(default_factory=deque)
+    tiles_done: int = 0
+    tiles_total: int = 0
+    images_done: int = 0
+    ok: int = 0
+    failed: int = 0
+    message: str | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+    ended: float | None = None
+    times: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "compute": 0.0})
+    ranks: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ("queued", "running")
+
+    def summary(self) -> dict[str, Any]:
+        """The fields of a ``status`` reply."""
+        return {
+            "job": self.id,
+            "state": self.state,
+            "images_done": self.images_done,
+            "images_total": len(self.images),
+            "tiles_done": self.tiles_done,
+            "tiles_total": self.tiles_total,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Wall time per stage and work per rank, for the ``done`` message."""
+        end = self.ended or time.perf_counter()
+        start = self.started or end
+        return {
+            "queue": round(start - self.submitted, 6),
+            "decode": round(self.times["decode"], 6),
+            "compute": round(self.times["compute"], 6),
+            "total": round(end - self.submitted, 6),
+            "ranks": {
+                str(r): {k: round(v, 6) for k, v in s.items()} for r, s in self.ranks.items()
+            },
+        }
+
+
+class JobListener:
+    """What a front hears about its jobs; the default hears nothing."""
+
+    def progress(self, job: Job, image_finished: bool) -> None: ...
+
+    def image_done(self, job: Job, image: ImageWork, pixels: np.ndarray) -> None: ...
+
+    def image_failed(self, job: Job, image: ImageWork, code: str, message: str) -> None: ...
+
+    def finished(self, job: Job) -> None: ...
+
+    def blocked(self, job: Job) -> bool:
+        """True while the job's results cannot be delivered (back-pressure): hold its tiles."""
+        return False
+
+
+class Backend:
+    """Where tasks run: worker ranks over MPI, or a local engine on rank 0."""
+
+    workers = 1
+
+    def free_slots(self) -> int:
+        raise NotImplementedError
+
+    def submit(self, task: Task) -> None:
+        raise NotImplementedError
+
+    def poll(self) -> list[Completion]:
+        raise NotImplementedError
+
+    def in_flight(self) -> int:
+        raise NotImplementedError
+
+    def close(self, deadline: float) -> None:
+        """Stop the workers; wait for them until ``deadline`` (a perf_counter time)."""
+
+
+def plan_tile(tile: int | str, height: int, width: int, workers: int) -> tuple[int, bool]:
+    """Tile size and whether to cut full-width strips, for one image.
+
+    ``auto``: small images go whole; larger ones are cut into full-width strips, about three
+    per worker, so each worker has the next strip waiting and the strips need no copy to send.
+    """
+    if tile != "auto":
+        return int(tile), False
+    if height * width < WHOLE_IMAGE_PIXELS:
+        return 0, False
+    rows = math.ceil(height / (3 * max(1, workers)))
+    return max(rows, 16), True
+
+
+class Scheduler:
+    """Turns jobs into tasks, hands them to the backend, and merges what comes back."""
+
+    def __init__(self, backend: Backend, max_pixels: int = 400_000_000):
+        self.backend = backend
+        self.max_pixels = max_pixels
+        self.jobs: dict[str, Job] = {}
+        self.turns: deque[str] = deque()
+        self.running: dict[int, Task] = {}
+        self._task_ids = itertools.count(1)
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def add(self, job: Job) -> None:
+        """Queue a job; its images start as workers become free."""
+        self.jobs[job.id] = job
+        self.turns.append(job.id)
+
+    def cancel(self, job: Job, message: str, state: str = "cancelled") -> None:
+        """End a job now: drop its queued tasks, ignore its results still in flight."""
+        if not job.active:
+            return
+        job.ready.clear()
+        for image in job.images:
+            image.pixels, image.merger, image.finished = None, None, True
+        self._finish(job, state, message)
+
+    def forget(self, job_id: str) -> None:
+        """Drop a finished job from the table."""
+        self.jobs.pop(job_id, None)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any task is queued or running."""
+        return bool(self.running) or any(j.active for j in self.jobs.values())
+
+    # -- the loop's one step --------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Collect finished tasks and hand out new ones; True if anything happened."""
+        progressed = False
+        for done in self.backend.poll():
+            progressed = True
+            self._complete(done)
+        while self.backend.free_slots() > 0:
+            task = self._next_task()
+            if task is None:
+                break
+            task.sent_at = time.perf_counter()
+            self.running[task.id] = task
+            self.backend.submit(task)
+            progressed = True
+        return progressed
+
+    def _next_task(self) -> Task | None:
+        """The next task, taking jobs in turn; starts a job's next image when it has none."""
+        for _ in range(len(self.turns)):
+            job_id = self.turns[0]
+            self.turns.rotate(-1)
+            job = self.jobs.get(job_id)
+            if job is None or not job.active:
+                self.turns.remove(job_id)
+                continue
+            if job.listener.blocked(job):
+                continue
+            if not job.ready:
+                self._start_next_image(job)
+            if job.ready:
+                return job.ready.popleft()
+        return None
+
+    def _start_next_image(self, job: Job) -> None:
+        for image in job.images:
+            if image.pixels is None and not image.finished:
+                if job.started is None:
+                    job.started, job.state = time.perf_counter(), "running"
+                self._start_image(image)
+                if job.ready or not job.active:
+                    return
+
+    # -- images and stages ----------------------------------------------------------------
+
+    def _start_image(self, image: ImageWork) -> None:
+        job = image.job
+        started = time.perf_counter()
+        try:
+            pixels = image.load()
+            if pixels.shape[0] * pixels.shape[1] > self.max_pixels:
+                raise LimitExceeded(
+                    f"{pixels.shape[1]}x{pixels.shape[0]} has more than the server's limit of "
+                    f"{self.max_pixels} pixels (--max-pixels)"
+                )
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
+            job.times["decode"] += time.perf_counter() - started
+            self._fail_image(image, error_code(exc), describe(exc))
+            return
+        job.times["decode"] += time.perf_counter() - started
+        image.pixels = pixels
+        image.stages = list(job.pipeline.stages)
+        self._start_stage(image)
+
+    def _start_stage(self, image: ImageWork) -> None:
+        assert image.pixels is not None
+        stage = image.stages[image.stage_no]
+        height, width = image.pixels.shape[:2]
+        size, strips = plan_tile(image.job.tile, height, width, self.backend.workers)
+        if isinstance(stage, ReduceStage):
+            tiles = split_with_halo(height, width, size, 0, strips)
+            image.statistic = None
+        else:
+            size = 0 if stage.whole else size
+            tiles = split_with_halo(height, width, size, stage.halo, strips or stage.full_rows)
+            image.merger = Merger(height, width, tiles)
+        if len(tiles) > 1:
+            image.path = "tiled"
+        stage_json = json.dumps(stage.to_json(), separators=(",", ":"))  # once per stage
+        image.pending = len(tiles)
+        image.tiles_used += len(tiles)
+        image.job.tiles_total += len(tiles)
+        for tile in tiles:
+            task = Task(next(self._task_ids), image, stage_json, tile, tile.region_of(image.pixels))
+            image.job.ready.append(task)
+
+    def _complete(self, done: Completion) -> None:
+        task = self.running.pop(done.task_id, None)
+        if task is None:
+            return
+        image, job = task.image, task.image.job
+        rank = job.ranks.setdefault(done.rank, {"tiles": 0, "busy_s": 0.0, "bytes": 0})
+        rank["tiles"] += 1
+        rank["busy_s"] += done.busy
+        rank["bytes"] += task.pixels.nbytes + (done.result.nbytes if done.result is not None else 0)
+        rank["cpu_s"] = done.cpu
+        rank["maxrss_mb"] = done.maxrss_kb / 1024
+        job.times["compute"] += done.busy
+        if not job.active or image.finished:
+            return
+        job.tiles_done += 1
+        if done.error is not None:
+            self._fail_image(image, *done.error)
+            return
+        assert done.result is not None
+        stage = image.stages[image.stage_no]
+        if isinstance(stage, ReduceStage):
+            image.statistic = (
+                done.result if image.statistic is None else image.statistic + done.result
+            )
+        else:
+            assert image.merger is not None
+            image.merger.place(task.tile, done.result)
+        image.pending -= 1
+        if image.pending == 0:
+            self._stage_finished(image)
+        else:
+            job.listener.progress(job, False)
+
+    def _stage_finished(self, image: ImageWork) -> None:
+        stage = image.stages[image.stage_no]
+        if isinstance(stage, ReduceStage):
+            image.stages[image.stage_no] = stage.applier(image.statistic)
+            self._start_stage(image)
+            return
+        assert image.merger is not None and image.merger.output is not None
+        image.pixels, image.merger = image.merger.output, None
+        image.stage_no += 1
+        if image.stage_no < len(image.stages):
+            self._start_stage(image)
+            return
+        job = image.job
+        pixels, image.pixels, image.finished = image.pixels, None, True
+        job.ok += 1
+        job.images_done += 1
+        job.listener.image_done(job, image, pixels)
+        self._image_finished(job)
+
+    def _fail_image(self, image: ImageWork, code: str, message: str) -> None:
+        job = image.job
+        image.finished, image.pixels, image.merger = True, None, None
+        job.ready = deque(t for t in job.ready if t.image is not image)
+        job.failed += 1
+        job.images_done += 1
+        job.listener.image_failed(job, image, code, message)
+        self._image_finished(job)
+
+    def _image_finished(self, job: Job) -> None:
+        job.listener.progress(job, True)
+        if job.images_done == len(job.images) and job.active:
+            self._finish(job, "done", None)
+
+    def _finish(self, job: Job, state: str, message: str | None) -> None:
+        job.state, job.message, job.ended = state, message, time.perf_counter()
+        job.listener.finished(job)

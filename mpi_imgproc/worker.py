@@ -1,0 +1,109 @@
+"""Worker ranks (> 0): receive tiles from rank 0, run them with the local engine, send results.
+
+One loop with one exit (``TAG_STOP``).  The worker takes every task that has arrived, runs
+tasks of the same stage as one batch through its engine (so a threads or processes engine
+keeps all of its cores busy), and sends each result back with its timings.  A task that fails
+is answered with an error, never with silence, so rank 0 can report it and carry on.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from .errors import describe, error_code
+from .local_engines import Engine
+from .mpi_transport import (
+    TAG_BYE,
+    TAG_RESULT,
+    TAG_RESULT_PIXELS,
+    TAG_STOP,
+    TAG_TASK_PIXELS,
+    Backoff,
+    encode_header,
+    pixel_fields,
+    recv_header,
+    recv_pixels,
+)
+from .pipeline import stage_from_text
+
+Task = tuple[dict[str, Any], np.ndarray]
+
+
+def _receive_tasks(comm: MPI.Comm) -> tuple[list[Task], bool]:
+    """Every task that has arrived, and whether rank 0 said stop."""
+    tasks: list[Task] = []
+    status = MPI.Status()
+    while comm.Iprobe(source=0, tag=MPI.ANY_TAG, status=status):
+        if status.Get_tag() == TAG_STOP:
+            recv_header(comm, status)
+            return tasks, True
+        header = recv_header(comm, status)
+        tasks.append((header, recv_pixels(comm, 0, TAG_TASK_PIXELS, header)))
+    return tasks, False
+
+
+def _run_batch(engine: Engine, stage_json: str, tasks: list[Task]) -> list[Any]:
+    """Results (arrays) or exceptions, one per task, in order."""
+    margins = [tuple(h["margins"]) for h, _ in tasks]
+    try:
+        return list(engine.run(stage_from_text(stage_json), [p for _, p in tasks], margins))
+    except Exception:  # noqa: BLE001 - find which task failed by running them one by one
+        pass
+    out: list[Any] = []
+    for (header, pixels), margin in zip(tasks, margins):
+        try:
+            out.append(engine.run(stage_from_text(stage_json), [pixels], [margin])[0])
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0 as this task's error
+            out.append(exc)
+    return out
+
+
+def _send_result(comm: MPI.Comm, task_id: int, result: Any, busy: float) -> None:
+    header: dict[str, Any] = {
+        "task": task_id,
+        "busy": busy,
+        "cpu": time.process_time(),
+        "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
+    if isinstance(result, BaseException):
+        header["error"] = {"code": error_code(result), "message": describe(result)}
+        comm.Send([encode_header(header), MPI.BYTE], dest=0, tag=TAG_RESULT)
+        return
+    result = np.ascontiguousarray(result)
+    header.update(pixel_fields(result))
+    comm.Send([encode_header(header), MPI.BYTE], dest=0, tag=TAG_RESULT)
+    comm.Send(result, dest=0, tag=TAG_RESULT_PIXELS)
+
+
+def serve(comm: MPI.Comm, engine: Engine) -> None:
+    """Work until rank 0 sends ``TAG_STOP``; then say goodbye so rank 0 can finalise."""
+    # Rank 0 decides when to stop; a worker that died on SIGTERM would end the whole MPI job
+    # with an error instead of a clean shutdown.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    backoff = Backoff()
+    stop = False
+    while not stop:
+        tasks, stop = _receive_tasks(comm)
+        if not tasks:
+            if not stop:
+                backoff.sleep()
+            continue
+        backoff.reset()
+        batches: dict[str, list[Task]] = defaultdict(list)
+        for task in tasks:
+            batches[task[0]["stage"]].append(task)
+        for stage_json, batch in batches.items():
+            started = time.perf_counter()
+            results = _run_batch(engine, stage_json, batch)
+            busy = (time.perf_counter() - started) / len(batch)
+            for (header, _), result in zip(batch, results):
+                _send_result(comm, header["task"], result, busy)
+    comm.Send([encode_header({}), MPI.BYTE], dest=0, tag=TAG_BYE)
