@@ -369,8 +369,15 @@ def gaussian_blur(image: np.ndarray, ksize: int, sigma: float) -> np.ndarray:
 
 
 def box_blur(image: np.ndarray, ksize: int) -> np.ndarray:
-    """Mean of a ksize×ksize window."""
-    return cv2.blur(image, (ksize, ksize))
+    """Mean of a ksize×ksize window, rounded half up.
+
+    The window sums are exact integers; the division is done once, in integers.  (OpenCV's
+    ``blur`` divides some values of a row in float and the row's last few in double, so its
+    result depends on the row's width and a tile would differ from the whole image.)
+    """
+    sums = cv2.boxFilter(image, cv2.CV_32S, (ksize, ksize), normalize=False).astype(np.int64)
+    area = ksize * ksize
+    return ((2 * sums + area) // (2 * area)).astype(image.dtype).reshape(image.shape)
 
 
 def median_blur(image: np.ndarray, ksize: int) -> np.ndarray:
@@ -398,9 +405,9 @@ def sharpen(image: np.ndarray, amount: float) -> np.ndarray:
 
 
 def _abs_saturate(parts: list[np.ndarray], like: np.ndarray) -> np.ndarray:
-    total = np.abs(parts[0].astype(np.float64))
-    for part in parts[1:]:
-        total += np.abs(part)
+    total = np.zeros(parts[0].shape, np.float64)
+    for part in parts:
+        total += np.abs(part.astype(np.float64))  # abs(int16 -32768) would overflow
     return np.clip(np.rint(total), 0, _max_value(like)).astype(like.dtype)
 
 

@@ -261,7 +261,8 @@ class Server:
         if size > self.max_request:
             raise ProtocolError(
                 "limit_exceeded",
-                f"request of {size} bytes is over the limit of {self.max_request} (--max-request-mb)",
+                f"request of {size} bytes is over the limit of {self.max_request} bytes "
+                "(--max-request-mb)",
             )
         pipeline = Pipeline.from_json(header.get("pipeline"))
         tile = parse_tile(header.get("tile", self.options.tile))

@@ -57,7 +57,7 @@ def _run_batch(engine: Engine, stage_json: str, tasks: list[Task]) -> list[Any]:
     except Exception:  # noqa: BLE001 - find which task failed by running them one by one
         pass
     out: list[Any] = []
-    for (header, pixels), margin in zip(tasks, margins):
+    for (_, pixels), margin in zip(tasks, margins):
         try:
             out.append(engine.run(stage_from_text(stage_json), [pixels], [margin])[0])
         except Exception as exc:  # noqa: BLE001 - reported to rank 0 as this task's error

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from mpi_imgproc.ops import REGISTRY
 
-odd = st.integers(0, 7).map(lambda k: 2 * k + 1)
+odd = st.integers(0, 12).map(lambda k: 2 * k + 1)
 real = st.floats(0, 4, allow_nan=False).map(lambda v: round(v, 2))
 
 
@@ -31,7 +31,7 @@ OP_SPECS = {
         st.sampled_from(["binary", "binary_inv", "trunc", "tozero", "tozero_inv"]),
     ),
     "gaussian_blur": st.builds(lambda k, s: _spec("gaussian_blur", ksize=k, sigma=s), odd, real),
-    "box_blur": st.builds(lambda k: _spec("box_blur", ksize=k), st.integers(1, 9)),
+    "box_blur": st.builds(lambda k: _spec("box_blur", ksize=k), st.integers(1, 31)),
     "median_blur": st.builds(lambda k: _spec("median_blur", ksize=k), st.sampled_from([3, 5, 7])),
     "bilateral": st.builds(
         lambda d, c: _spec("bilateral", d=d, sigma_color=c, sigma_space=c),
@@ -87,7 +87,7 @@ pipelines = st.lists(op_spec, min_size=1, max_size=4)
 
 
 @st.composite
-def images(draw: st.DrawFn, max_side: int = 48) -> np.ndarray:
+def images(draw: st.DrawFn, max_side: int = 64) -> np.ndarray:
     """Gray, BGR or BGRA; 8 or 16 bits; sizes from 1×1 through odd and very thin ones."""
     height = draw(st.integers(1, max_side))
     width = draw(st.integers(1, max_side))
