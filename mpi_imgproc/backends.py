@@ -8,6 +8,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .errors import describe, error_code
+from .imagetask import run_image_task
 from .local_engines import Engine
 from .mpi_transport import (
     TAG_BYE,
@@ -49,20 +50,16 @@ class MPIBackend(Backend):
 
     def submit(self, task: Task) -> None:
         rank = min(self.load, key=self.load.__getitem__)
-        pixels = np.ascontiguousarray(task.pixels)  # a no-op for full-width strips
-        header = encode_header(
-            {
-                "task": task.id,
-                "stage": task.stage_json,
-                "margins": task.tile.margins,
-                **pixel_fields(pixels),
-            }
-        )
-        requests = [
-            self.comm.Isend([header, MPI.BYTE], dest=rank, tag=TAG_TASK),
-            self.comm.Isend(pixels, dest=rank, tag=TAG_TASK_PIXELS),
-        ]
-        self.sending.append((requests, (header, pixels)))
+        fields = {"task": task.id, **task.header}
+        payload = None
+        if task.payload is not None:
+            payload = np.ascontiguousarray(task.payload)  # a no-op for full-width strips
+            fields.update(pixel_fields(payload))
+        header = encode_header(fields)
+        requests = [self.comm.Isend([header, MPI.BYTE], dest=rank, tag=TAG_TASK)]
+        if payload is not None:
+            requests.append(self.comm.Isend(payload, dest=rank, tag=TAG_TASK_PIXELS))
+        self.sending.append((requests, (header, payload)))
         self.load[rank] += 1
         task.rank = rank
 
@@ -73,22 +70,11 @@ class MPIBackend(Backend):
         while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=status):
             rank = status.Get_source()
             header = recv_header(self.comm, status)
-            error = header.get("error")
             result = None
-            if error is None:
+            if "shape" in header:
                 result = recv_pixels(self.comm, rank, TAG_RESULT_PIXELS, header)
             self.load[rank] -= 1
-            done.append(
-                Completion(
-                    header["task"],
-                    result,
-                    (error["code"], error["message"]) if error else None,
-                    rank,
-                    header.get("busy", 0.0),
-                    header.get("cpu", 0.0),
-                    header.get("maxrss_kb", 0),
-                )
-            )
+            done.append(completion(header, result, rank))
         return done
 
     def close(self, deadline: float) -> None:
@@ -108,7 +94,7 @@ class MPIBackend(Backend):
                 continue
             rank, tag = status.Get_source(), status.Get_tag()
             header = recv_header(self.comm, status)
-            if tag == TAG_RESULT and "error" not in header:
+            if tag == TAG_RESULT and "shape" in header:
                 recv_pixels(self.comm, rank, TAG_RESULT_PIXELS, header)  # a result nobody wants
             elif tag == TAG_BYE:
                 left.discard(rank)
@@ -135,14 +121,20 @@ class LocalBackend(Backend):
 
     def submit(self, task: Task) -> None:
         started = time.perf_counter()
+        fields: dict = {}
         try:
-            stage = stage_from_text(task.stage_json)
-            result = self.engine.run(stage, [task.pixels], [task.tile.margins])[0]
+            if task.tile is None:
+                result, fields = run_image_task(task.header, task.payload)
+            else:
+                stage = stage_from_text(task.header["stage"])
+                result = self.engine.run(stage, [task.payload], [task.tile.margins])[0]
             error = None
         except Exception as exc:  # noqa: BLE001 - reported as this task's error
             result, error = None, (error_code(exc), describe(exc))
         busy = time.perf_counter() - started
-        self.done.append(Completion(task.id, result, error, 0, busy, time.process_time()))
+        self.done.append(
+            Completion(task.id, result, error, 0, busy, time.process_time(), fields=fields)
+        )
 
     def poll(self) -> list[Completion]:
         done, self.done = self.done, []
@@ -150,3 +142,21 @@ class LocalBackend(Backend):
 
     def close(self, deadline: float) -> None:
         self.engine.close()
+
+
+_COMPLETION_KEYS = ("task", "busy", "cpu", "maxrss_kb", "error", "shape", "dtype")
+
+
+def completion(header: dict, result: np.ndarray | None, rank: int) -> Completion:
+    """A worker's result header (and buffer) as the scheduler's Completion."""
+    error = header.get("error")
+    return Completion(
+        header["task"],
+        result,
+        (error["code"], error["message"]) if error else None,
+        rank,
+        header.get("busy", 0.0),
+        header.get("cpu", 0.0),
+        header.get("maxrss_kb", 0),
+        {k: v for k, v in header.items() if k not in _COMPLETION_KEYS},
+    )

@@ -18,7 +18,7 @@ from .errors import ImgprocError
 VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 REQUEST_TYPES = ("submit", "status", "cancel", "info", "heartbeat")
-RESULT_ENCODINGS = ("raw", "png", "jpg", "tif")
+RESULT_ENCODINGS = ("raw", "png", "jpg", "tif", "same")
 RAW_DTYPES = ("uint8", "uint16")
 MAX_IMAGES_PER_REQUEST = 10_000
 

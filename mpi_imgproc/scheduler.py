@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -24,23 +23,25 @@ from typing import Any
 import numpy as np
 
 from .errors import LimitExceeded, describe, error_code
+from .imagetask import ENCODED, PATH, PIXELS, as_buffer
 from .pipeline import Pipeline, ReduceStage, Stage
+from .planner import DEFAULT_CUTOVER_S, ImageSource, Plan, plan_image
 from .tiling import Merger, Tile, split_with_halo
-
-# Below this many pixels an image goes to one worker whole: cutting, sending and merging tiles
-# costs more than it saves (a 1000×1000 grayscale takes well under a millisecond in OpenCV).
-WHOLE_IMAGE_PIXELS = 1_000_000
 
 
 @dataclass
 class Task:
-    """One tile of one stage of one image, waiting for or on a worker."""
+    """One unit of work for a worker: a tile of a stage, or a whole image (``tile`` is None).
+
+    ``header`` is what the worker needs besides the pixels (JSON-ready); ``payload`` is the one
+    buffer sent with it, if any (a tile region view, raw pixels, or encoded file bytes).
+    """
 
     id: int
     image: ImageWork
-    stage_json: str
-    tile: Tile
-    pixels: np.ndarray
+    header: dict[str, Any]
+    payload: np.ndarray | None
+    tile: Tile | None = None
     sent_at: float = 0.0
     rank: int = -1
 
@@ -56,6 +57,16 @@ class Completion:
     busy: float = 0.0
     cpu: float = 0.0
     maxrss_kb: int = 0
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ImageResult:
+    """A finished image: merged pixels, or encoded bytes, or a file a worker wrote."""
+
+    pixels: np.ndarray | None = None
+    encoded: np.ndarray | None = None
+    written: str | None = None
 
 
 @dataclass
@@ -64,17 +75,26 @@ class ImageWork:
 
     job: Job
     index: int
-    name: str
-    load: Callable[[], np.ndarray]  # decodes lazily, when the image starts
+    source: ImageSource
     pixels: np.ndarray | None = None
     stages: list[Stage] = field(default_factory=list)
     stage_no: int = 0
     pending: int = 0
+    plan: Plan | None = None
     merger: Merger | None = None
     statistic: np.ndarray | None = None
     tiles_used: int = 0
-    path: str = "whole"
+    started: bool = False
     finished: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def path(self) -> str:
+        """``whole`` or ``tiled``: how the image went."""
+        return self.plan.path if self.plan else "whole"
 
 
 @dataclass
@@ -86,6 +106,12 @@ class Job:
     tile: int | str
     listener: JobListener
     owner: Any = None
+    # How results come back: "pixels", an encoding ("png", "jpg", "tif"), or "same" (each
+    # image's own suffix).  With ``targets`` and ``shared_fs``, workers read sources and write
+    # ``targets(image)`` themselves.
+    output: str = "pixels"
+    shared_fs: bool = False
+    targets: Callable[[ImageWork], str] | None = None
     state: str = "queued"
     images: list[ImageWork] = field(default_factory=list)
     ready: deque[Task] = field(default_factory=deque)
@@ -136,7 +162,7 @@ class JobListener:
 
     def progress(self, job: Job, image_finished: bool) -> None: ...
 
-    def image_done(self, job: Job, image: ImageWork, pixels: np.ndarray) -> None: ...
+    def image_done(self, job: Job, image: ImageWork, result: ImageResult) -> None: ...
 
     def image_failed(self, job: Job, image: ImageWork, code: str, message: str) -> None: ...
 
@@ -168,26 +194,18 @@ class Backend:
         """Stop the workers; wait for them until ``deadline`` (a perf_counter time)."""
 
 
-def plan_tile(tile: int | str, height: int, width: int, workers: int) -> tuple[int, bool]:
-    """Tile size and whether to cut full-width strips, for one image.
-
-    ``auto``: small images go whole; larger ones are cut into full-width strips, about three
-    per worker, so each worker has the next strip waiting and the strips need no copy to send.
-    """
-    if tile != "auto":
-        return int(tile), False
-    if height * width < WHOLE_IMAGE_PIXELS:
-        return 0, False
-    rows = math.ceil(height / (3 * max(1, workers)))
-    return max(rows, 16), True
-
-
 class Scheduler:
     """Turns jobs into tasks, hands them to the backend, and merges what comes back."""
 
-    def __init__(self, backend: Backend, max_pixels: int = 400_000_000):
+    def __init__(
+        self,
+        backend: Backend,
+        max_pixels: int = 400_000_000,
+        cutover_s: float = DEFAULT_CUTOVER_S,
+    ):
         self.backend = backend
         self.max_pixels = max_pixels
+        self.cutover_s = cutover_s
         self.jobs: dict[str, Job] = {}
         self.turns: deque[str] = deque()
         self.running: dict[int, Task] = {}
@@ -207,6 +225,7 @@ class Scheduler:
         job.ready.clear()
         for image in job.images:
             image.pixels, image.merger, image.finished = None, None, True
+            image.source.pixels = image.source.data = None
         self._finish(job, state, message)
 
     def forget(self, job_id: str) -> None:
@@ -255,7 +274,8 @@ class Scheduler:
 
     def _start_next_image(self, job: Job) -> None:
         for image in job.images:
-            if image.pixels is None and not image.finished:
+            if not image.started:
+                image.started = True
                 if job.started is None:
                     job.started, job.state = time.perf_counter(), "running"
                 self._start_image(image)
@@ -265,29 +285,70 @@ class Scheduler:
     # -- images and stages ----------------------------------------------------------------
 
     def _start_image(self, image: ImageWork) -> None:
+        """Plan the image; send it whole as one task, or decode it here and start stage one."""
         job = image.job
+        image.plan = plan_image(
+            job.pipeline, image.source, job.tile, self.backend.workers, self.cutover_s
+        )
+        if image.plan.path == "whole":
+            self._queue(image, self._image_task(image), None)
+            return
         started = time.perf_counter()
         try:
-            pixels = image.load()
-            if pixels.shape[0] * pixels.shape[1] > self.max_pixels:
-                raise LimitExceeded(
-                    f"{pixels.shape[1]}x{pixels.shape[0]} has more than the server's limit of "
-                    f"{self.max_pixels} pixels (--max-pixels)"
-                )
+            pixels = image.source.decode()
+            check_pixel_limit(pixels.shape, self.max_pixels)
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
-            job.times["decode"] += time.perf_counter() - started
             self._fail_image(image, error_code(exc), describe(exc))
             return
-        job.times["decode"] += time.perf_counter() - started
+        finally:
+            job.times["decode"] += time.perf_counter() - started
+        image.source.pixels = image.source.data = None  # the decoded copy is the one we keep
         image.pixels = pixels
         image.stages = list(job.pipeline.stages)
         self._start_stage(image)
+
+    def _image_task(self, image: ImageWork) -> tuple[dict[str, Any], np.ndarray | None]:
+        """Header and payload of a whole-image task (see :mod:`mpi_imgproc.imagetask`)."""
+        job, source = image.job, image.source
+        spec: dict[str, Any] = {
+            "kind": "image",
+            "pipeline": job.pipeline.to_json(),
+            "format": output_format(job.output, source.name),
+            "max_pixels": self.max_pixels,
+        }
+        payload: np.ndarray | None = None
+        if source.pixels is not None:
+            spec["input"], payload = PIXELS, source.pixels
+        elif job.shared_fs and source.path:
+            spec["input"], spec["source"] = PATH, source.path
+        else:
+            try:
+                spec["input"], payload = ENCODED, as_buffer(source.encoded())
+            except OSError:
+                spec["input"], spec["source"] = PATH, source.path  # the worker will report it
+        if job.output == "pixels":
+            spec["output"] = PIXELS
+        elif job.shared_fs and job.targets is not None:
+            spec["output"], spec["target"] = PATH, job.targets(image)
+        else:
+            spec["output"] = ENCODED
+        return spec, payload
+
+    def _queue(
+        self, image: ImageWork, task: tuple[dict[str, Any], np.ndarray | None], tile: Tile | None
+    ) -> None:
+        header, payload = task
+        image.pending += 1
+        image.tiles_used += 1
+        image.job.tiles_total += 1
+        image.job.ready.append(Task(next(self._task_ids), image, header, payload, tile))
 
     def _start_stage(self, image: ImageWork) -> None:
         assert image.pixels is not None
         stage = image.stages[image.stage_no]
         height, width = image.pixels.shape[:2]
-        size, strips = plan_tile(image.job.tile, height, width, self.backend.workers)
+        assert image.plan is not None
+        size, strips = image.plan.tile, image.plan.strips
         if isinstance(stage, ReduceStage):
             tiles = split_with_halo(height, width, size, 0, strips)
             image.statistic = None
@@ -295,15 +356,10 @@ class Scheduler:
             size = 0 if stage.whole else size
             tiles = split_with_halo(height, width, size, stage.halo, strips or stage.full_rows)
             image.merger = Merger(height, width, tiles)
-        if len(tiles) > 1:
-            image.path = "tiled"
         stage_json = json.dumps(stage.to_json(), separators=(",", ":"))  # once per stage
-        image.pending = len(tiles)
-        image.tiles_used += len(tiles)
-        image.job.tiles_total += len(tiles)
         for tile in tiles:
-            task = Task(next(self._task_ids), image, stage_json, tile, tile.region_of(image.pixels))
-            image.job.ready.append(task)
+            header = {"kind": "tile", "stage": stage_json, "margins": tile.margins}
+            self._queue(image, (header, tile.region_of(image.pixels)), tile)
 
     def _complete(self, done: Completion) -> None:
         task = self.running.pop(done.task_id, None)
@@ -313,7 +369,10 @@ class Scheduler:
         rank = job.ranks.setdefault(done.rank, {"tiles": 0, "busy_s": 0.0, "bytes": 0})
         rank["tiles"] += 1
         rank["busy_s"] += done.busy
-        rank["bytes"] += task.pixels.nbytes + (done.result.nbytes if done.result is not None else 0)
+        moved = (task.payload.nbytes if task.payload is not None else 0) + (
+            done.result.nbytes if done.result is not None else 0
+        )
+        rank["bytes"] += moved
         rank["cpu_s"] = done.cpu
         rank["maxrss_mb"] = done.maxrss_kb / 1024
         job.times["compute"] += done.busy
@@ -322,6 +381,9 @@ class Scheduler:
         job.tiles_done += 1
         if done.error is not None:
             self._fail_image(image, *done.error)
+            return
+        if task.tile is None:
+            self._whole_image_done(image, done)
             return
         assert done.result is not None
         stage = image.stages[image.stage_no]
@@ -350,16 +412,30 @@ class Scheduler:
         if image.stage_no < len(image.stages):
             self._start_stage(image)
             return
+        pixels, image.pixels = image.pixels, None
+        self._image_done(image, ImageResult(pixels=pixels))
+
+    def _whole_image_done(self, image: ImageWork, done: Completion) -> None:
+        image.source.pixels = image.source.data = None
+        if done.fields.get("written"):
+            self._image_done(image, ImageResult(written=done.fields["written"]))
+        elif image.job.output == "pixels":
+            self._image_done(image, ImageResult(pixels=done.result))
+        else:
+            self._image_done(image, ImageResult(encoded=done.result))
+
+    def _image_done(self, image: ImageWork, result: ImageResult) -> None:
         job = image.job
-        pixels, image.pixels, image.finished = image.pixels, None, True
+        image.finished = True
         job.ok += 1
         job.images_done += 1
-        job.listener.image_done(job, image, pixels)
+        job.listener.image_done(job, image, result)
         self._image_finished(job)
 
     def _fail_image(self, image: ImageWork, code: str, message: str) -> None:
         job = image.job
         image.finished, image.pixels, image.merger = True, None, None
+        image.source.pixels = image.source.data = None
         job.ready = deque(t for t in job.ready if t.image is not image)
         job.failed += 1
         job.images_done += 1
@@ -374,3 +450,20 @@ class Scheduler:
     def _finish(self, job: Job, state: str, message: str | None) -> None:
         job.state, job.message, job.ended = state, message, time.perf_counter()
         job.listener.finished(job)
+
+
+def check_pixel_limit(shape: tuple[int, ...], max_pixels: int) -> None:
+    """Raise LimitExceeded for an image with more than ``max_pixels`` pixels."""
+    if shape[0] * shape[1] > max_pixels:
+        raise LimitExceeded(
+            f"{shape[1]}x{shape[0]} has more than the server's limit of {max_pixels} pixels "
+            "(--max-pixels)"
+        )
+
+
+def output_format(output: str, name: str) -> str:
+    """The encoding of a result: the job's ``output``, or for ``same`` the name's suffix."""
+    if output != "same":
+        return output
+    suffix = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    return suffix or "png"

@@ -34,9 +34,10 @@ from mpi4py import MPI
 
 from . import __version__
 from .errors import ImgprocError
-from .imageio import decode, encode
+from .imageio import encode
 from .local_engines import ENGINES, default_workers, get_engine
 from .pipeline import Pipeline
+from .planner import DEFAULT_CUTOVER_S, ImageSource
 from .protocol import (
     VERSION,
     ImageFrame,
@@ -48,7 +49,7 @@ from .protocol import (
     raw_fields,
     unpack,
 )
-from .scheduler import ImageWork, Job, JobListener, Scheduler
+from .scheduler import ImageResult, ImageWork, Job, JobListener, Scheduler, output_format
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 PROGRESS_INTERVAL = 0.05  # seconds between progress messages of one job
@@ -66,6 +67,7 @@ class Options(argparse.Namespace):
     curve_keys: str | None
     client_timeout: float
     in_flight: int | None
+    cutover_ms: float
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -84,6 +86,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument("--tile", type=_tile_arg, default="auto", help="tile size, 0 or auto")
     parser.add_argument("--in-flight", type=int, default=None, help="tasks in flight per worker")
+    parser.add_argument(
+        "--cutover-ms",
+        type=float,
+        default=DEFAULT_CUTOVER_S * 1e3,
+        help="with --tile auto: images estimated to take less compute go to a worker whole",
+    )
     parser.add_argument("--max-request-mb", type=float, default=1024.0, help="request size limit")
     parser.add_argument("--max-pixels", type=int, default=400_000_000, help="pixels per image")
     parser.add_argument("--curve-keys", metavar="DIR", help="enable CURVE with keys from DIR")
@@ -134,9 +142,8 @@ def versions() -> dict[str, str]:
 class ClientReplies(JobListener):
     """Turns job events into protocol messages for the job's owner."""
 
-    def __init__(self, server: Server, encoding: str):
+    def __init__(self, server: Server):
         self.server = server
-        self.encoding = encoding
         self.last_progress = 0.0
 
     def progress(self, job: Job, image_finished: bool) -> None:
@@ -148,19 +155,23 @@ class ClientReplies(JobListener):
         fields.pop("state")
         self.server.reply(job.owner, pack("progress", **fields))
 
-    def image_done(self, job: Job, image: ImageWork, pixels: np.ndarray) -> None:
+    def image_done(self, job: Job, image: ImageWork, result: ImageResult) -> None:
         fields: dict[str, Any] = {"job": job.id, "index": image.index, "name": image.name}
         fields.update(path=image.path, tiles=image.tiles_used)
-        if self.encoding == "raw":
-            data: Any = np.ascontiguousarray(pixels)
+        if image.plan is not None:
+            fields["reason"] = image.plan.reason
+        if job.output == "pixels":
+            data: Any = np.ascontiguousarray(result.pixels)
             fields.update(raw_fields(data))
         else:
-            try:
-                data = encode(pixels, self.encoding)
-            except ImgprocError as exc:
-                self.image_failed(job, image, exc.code, str(exc))
-                return
-            fields["encoding"] = self.encoding
+            fields["encoding"] = output_format(job.output, image.name)
+            data = result.encoded
+            if data is None:  # a tiled image, merged here
+                try:
+                    data = encode(result.pixels, fields["encoding"])
+                except ImgprocError as exc:
+                    self.image_failed(job, image, exc.code, str(exc))
+                    return
         self.server.reply(job.owner, pack("result", [data], **fields))
 
     def image_failed(self, job: Job, image: ImageWork, code: str, message: str) -> None:
@@ -271,8 +282,9 @@ class Server:
         encoding = parse_result_encoding(header.get("result"))
         images = parse_images(header, data)
         job_id = f"j{next(self.job_numbers)}-{secrets.token_hex(3)}"
-        job = Job(job_id, pipeline, tile, ClientReplies(self, encoding), owner=identity)
-        job.images = [ImageWork(job, i, f.name, _loader(f)) for i, f in enumerate(images)]
+        output = "pixels" if encoding == "raw" else encoding
+        job = Job(job_id, pipeline, tile, ClientReplies(self), owner=identity, output=output)
+        job.images = [ImageWork(job, i, _source(f)) for i, f in enumerate(images)]
         self.reply(
             identity, pack("accepted", req=header.get("req"), job=job_id, images=len(images))
         )
@@ -364,11 +376,11 @@ class Server:
             self.finished.popitem(last=False)
 
 
-def _loader(frame: ImageFrame):
-    """Decode on demand, when the image's turn comes, not when the request arrives."""
+def _source(frame: ImageFrame) -> ImageSource:
+    """An image of a request; decoded when its turn comes (by a worker, if it goes whole)."""
     if frame.raw:
-        return frame.pixels
-    return lambda: decode(frame.data)
+        return ImageSource(frame.name, pixels=frame.pixels())
+    return ImageSource(frame.name, data=frame.data)
 
 
 def bind_socket(ctx: zmq.Context, options: Options) -> tuple[zmq.Socket, Any]:
@@ -420,6 +432,7 @@ def run_rank0(comm: MPI.Comm, options: Options) -> None:
         "engines": engines,
         "workers_per_rank": per_rank,
         "tile": options.tile,
+        "cutover_ms": options.cutover_ms,
         "versions": versions(),
         "limits": {
             "max_request_bytes": int(options.max_request_mb * 2**20),
@@ -436,7 +449,7 @@ def run_rank0(comm: MPI.Comm, options: Options) -> None:
         f"CURVE {'on' if options.curve_keys else 'off'}; pid {os.getpid()}",
         flush=True,
     )
-    scheduler = Scheduler(backend, max_pixels=options.max_pixels)
+    scheduler = Scheduler(backend, options.max_pixels, options.cutover_ms / 1e3)
     try:
         Server(sock, scheduler, options, info).serve_forever()
     finally:

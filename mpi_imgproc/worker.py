@@ -1,8 +1,9 @@
 """Worker ranks (> 0): receive tiles from rank 0, run them with the local engine, send results.
 
 One loop with one exit (``TAG_STOP``).  The worker takes every task that has arrived, runs
-tasks of the same stage as one batch through its engine (so a threads or processes engine
-keeps all of its cores busy), and sends each result back with its timings.  A task that fails
+tile tasks of the same stage as one batch through its engine (so a threads or processes engine
+keeps all of its cores busy) and whole-image tasks side by side on the engine's workers, and
+sends each result back with its timings.  A task that fails
 is answered with an error, never with silence, so rank 0 can report it and carry on.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .errors import describe, error_code
+from .imagetask import run_image_task
 from .local_engines import Engine
 from .mpi_transport import (
     TAG_BYE,
@@ -33,7 +35,7 @@ from .mpi_transport import (
 )
 from .pipeline import stage_from_text
 
-Task = tuple[dict[str, Any], np.ndarray]
+Task = tuple[dict[str, Any], np.ndarray | None]
 
 
 def _receive_tasks(comm: MPI.Comm) -> tuple[list[Task], bool]:
@@ -45,7 +47,8 @@ def _receive_tasks(comm: MPI.Comm) -> tuple[list[Task], bool]:
             recv_header(comm, status)
             return tasks, True
         header = recv_header(comm, status)
-        tasks.append((header, recv_pixels(comm, 0, TAG_TASK_PIXELS, header)))
+        payload = recv_pixels(comm, 0, TAG_TASK_PIXELS, header) if "shape" in header else None
+        tasks.append((header, payload))
     return tasks, False
 
 
@@ -65,21 +68,37 @@ def _run_batch(engine: Engine, stage_json: str, tasks: list[Task]) -> list[Any]:
     return out
 
 
+def _run_images(engine: Engine, tasks: list[Task]) -> list[Any]:
+    """Whole-image tasks, side by side on the engine's workers: (buffer, fields) or exception."""
+
+    def one(task: Task) -> Any:
+        try:
+            return run_image_task(*task)
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0 as this task's error
+            return exc
+
+    return engine.map(one, tasks)
+
+
 def _send_result(comm: MPI.Comm, task_id: int, result: Any, busy: float) -> None:
+    """Send a result header (with timings) and, if there is one, its buffer."""
     header: dict[str, Any] = {
         "task": task_id,
         "busy": busy,
         "cpu": time.process_time(),
         "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }
-    if isinstance(result, BaseException):
-        header["error"] = {"code": error_code(result), "message": describe(result)}
-        comm.Send([encode_header(header), MPI.BYTE], dest=0, tag=TAG_RESULT)
-        return
-    result = np.ascontiguousarray(result)
-    header.update(pixel_fields(result))
+    buffer, fields = result if isinstance(result, tuple) else (result, {})
+    if isinstance(buffer, BaseException):
+        header["error"] = {"code": error_code(buffer), "message": describe(buffer)}
+        buffer = None
+    header.update(fields)
+    if buffer is not None:
+        buffer = np.ascontiguousarray(buffer)
+        header.update(pixel_fields(buffer))
     comm.Send([encode_header(header), MPI.BYTE], dest=0, tag=TAG_RESULT)
-    comm.Send(result, dest=0, tag=TAG_RESULT_PIXELS)
+    if buffer is not None:
+        comm.Send(buffer, dest=0, tag=TAG_RESULT_PIXELS)
 
 
 def serve(comm: MPI.Comm, engine: Engine) -> None:
@@ -99,10 +118,13 @@ def serve(comm: MPI.Comm, engine: Engine) -> None:
         backoff.reset()
         batches: dict[str, list[Task]] = defaultdict(list)
         for task in tasks:
-            batches[task[0]["stage"]].append(task)
-        for stage_json, batch in batches.items():
+            batches[task[0].get("stage", "image")].append(task)
+        for key, batch in batches.items():
             started = time.perf_counter()
-            results = _run_batch(engine, stage_json, batch)
+            if key == "image":
+                results = _run_images(engine, batch)
+            else:
+                results = _run_batch(engine, key, batch)
             busy = (time.perf_counter() - started) / len(batch)
             for (header, _), result in zip(batch, results):
                 _send_result(comm, header["task"], result, busy)

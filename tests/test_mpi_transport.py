@@ -16,6 +16,7 @@ from conftest import random_image
 
 from mpi_imgproc.local_engines import get_engine
 from mpi_imgproc.pipeline import Pipeline
+from mpi_imgproc.planner import ImageSource
 from mpi_imgproc.scheduler import ImageWork, Job, JobListener, Scheduler
 
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -27,8 +28,8 @@ class Collect(JobListener):
         self.errors: dict[int, tuple[str, str]] = {}
         self.done = False
 
-    def image_done(self, job, image, pixels):
-        self.images[image.index] = pixels
+    def image_done(self, job, image, result):
+        self.images[image.index] = result.pixels
 
     def image_failed(self, job, image, code, message):
         self.errors[image.index] = (code, message)
@@ -54,7 +55,7 @@ def run_on_cluster(jobs: list[tuple[list[np.ndarray], list[str], int]]) -> list[
             listener = Collect()
             job = Job(f"j{n}", Pipeline.parse(specs), tile, listener)
             job.images = [
-                ImageWork(job, i, f"i{i}", (lambda im=im: im)) for i, im in enumerate(images)
+                ImageWork(job, i, ImageSource(f"i{i}", pixels=im)) for i, im in enumerate(images)
             ]
             scheduler.add(job)
             listeners.append(listener)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
 from ..pipeline import Stage
 from ..tiling import Box, crop_halo
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def process_tile(stage: Stage, pixels: np.ndarray, margins: Box) -> np.ndarray:
@@ -44,6 +48,11 @@ class Engine(ABC):
         self, stage: Stage, pieces: Sequence[np.ndarray], margins: Sequence[Box]
     ) -> list[np.ndarray]:
         """Process each piece (a tile region) with ``stage``; results in the same order."""
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``fn`` over ``items`` on the engine's workers where they can share Python objects
+        (threads), else one after another; used for whole-image tasks."""
+        return [fn(item) for item in items]
 
     def close(self) -> None:
         """Release threads, processes or device memory."""

@@ -28,5 +28,10 @@ class ThreadEngine(Engine):
             return [process_tile(stage, pieces[0], margins[0])]
         return list(self._pool.map(lambda pm: process_tile(stage, *pm), zip(pieces, margins)))
 
+    def map(self, fn, items):  # noqa: ANN001 - see Engine.map
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        return list(self._pool.map(fn, items))
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)

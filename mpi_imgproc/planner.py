@@ -1,0 +1,137 @@
+"""Where each image goes: to one worker whole, or cut into tiles — and why.
+
+Cutting an image pays only when its compute time is large against the cost of moving its
+pixels through rank 0 and the fixed cost of each task.  The model is deliberately simple:
+
+* compute ≈ pixels × channels × Σ (per-op cost in ns per pixel-channel), measured roughly for
+  OpenCV on one core;
+* transfer ≈ pixels × channels × bytes per value × 2 (out and back) × 0.5 ns.
+
+``auto`` tiles an image when its compute estimate is at least ``cutover_s`` *and* four times its
+transfer estimate; everything else goes whole (one task: the worker decodes, runs the whole
+pipeline, encodes).  ``--tile N`` forces tiles of N, ``--tile 0`` forces whole images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .imageio import decode
+from .pipeline import Pipeline
+
+DEFAULT_CUTOVER_S = 0.03
+TRANSFER_NS_PER_BYTE = 0.5
+STRIPS_PER_WORKER = 3
+
+_MODE_CHANNELS = {"L": 1, "I;16": 1, "I;16B": 1, "I": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 4}
+
+
+def op_cost_ns(name: str, params: Mapping[str, Any]) -> float:
+    """Rough single-core cost of one op, in nanoseconds per pixel and channel."""
+    k = params.get("ksize", 3) or 3
+    if name == "gaussian_blur":
+        return 0.15 * k
+    if name == "median_blur":
+        return 0.3 * min(k, 9)
+    if name == "bilateral":
+        return 0.4 * max(3, params["d"]) ** 2
+    if name in ("erode", "dilate"):
+        return 0.1 * k * params["iterations"]
+    if name in ("sobel", "laplacian", "sharpen", "box_blur"):
+        return 1.5
+    if name == "canny":
+        return 4.0
+    if name in ("resize", "otsu_threshold", "equalize_hist"):
+        return 1.0
+    return 0.3  # point ops, crop, rotate, flip
+
+
+@dataclass
+class ImageSource:
+    """Where an image comes from: raw pixels, encoded file bytes, or a file."""
+
+    name: str
+    pixels: np.ndarray | None = None
+    data: bytes | memoryview | None = None
+    path: str | None = None
+
+    def encoded(self) -> bytes | memoryview:
+        """The encoded file bytes (read from the file if need be)."""
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        return Path(self.path).read_bytes()
+
+    def decode(self) -> np.ndarray:
+        """The pixels (decoded if need be)."""
+        return self.pixels if self.pixels is not None else decode(self.encoded())
+
+    def probe(self) -> tuple[int, int, int, int] | None:
+        """(height, width, channels, bytes per value) without decoding; None if unknown."""
+        if self.pixels is not None:
+            p = self.pixels
+            return p.shape[0], p.shape[1], 1 if p.ndim == 2 else p.shape[2], p.dtype.itemsize
+        try:
+            source = io.BytesIO(self.data) if self.data is not None else self.path
+            with Image.open(source) as image:
+                width, height = image.size
+                mode = image.mode
+        except Exception:  # noqa: BLE001 - unreadable here: the worker will say why
+            return None
+        return height, width, _MODE_CHANNELS.get(mode, 3), 2 if "16" in mode else 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one image is processed: ``whole`` or ``tiled`` (tile size, strips), and why."""
+
+    path: str
+    tile: int = 0
+    strips: bool = False
+    reason: str = ""
+
+
+def estimate(pipeline: Pipeline, shape: tuple[int, int, int, int]) -> tuple[float, float]:
+    """(compute seconds, transfer seconds) for an image of ``shape`` (h, w, channels, bytes)."""
+    height, width, channels, nbytes = shape
+    values = height * width * channels
+    cost = sum(op_cost_ns(s.op.name, s.params) for s in pipeline.steps)
+    return values * cost * 1e-9, values * nbytes * 2 * TRANSFER_NS_PER_BYTE * 1e-9
+
+
+def plan_image(
+    pipeline: Pipeline,
+    source: ImageSource,
+    tile: int | str,
+    workers: int,
+    cutover_s: float = DEFAULT_CUTOVER_S,
+) -> Plan:
+    """Decide whole or tiled for one image (see the module docstring)."""
+    if tile == 0:
+        return Plan("whole", reason="--tile 0")
+    shape = source.probe()
+    if tile != "auto":
+        return Plan("tiled", int(tile), reason=f"--tile {tile}")
+    if shape is None:
+        return Plan("whole", reason="size unknown before decoding")
+    compute, transfer = estimate(pipeline, shape)
+    megapixels = shape[0] * shape[1] / 1e6
+    if compute < cutover_s or compute < 4 * transfer or workers < 2:
+        why = f"{megapixels:.2f} MP, est. compute {compute * 1e3:.1f} ms"
+        return Plan("whole", reason=f"{why} below the cut-over ({cutover_s * 1e3:g} ms)")
+    rows = max(16, math.ceil(shape[0] / (STRIPS_PER_WORKER * workers)))
+    return Plan(
+        "tiled",
+        rows,
+        strips=True,
+        reason=f"{megapixels:.2f} MP, est. compute {compute * 1e3:.0f} ms against transfer "
+        f"{transfer * 1e3:.0f} ms: strips of {rows} rows",
+    )
