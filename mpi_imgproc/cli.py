@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .client_cli import add_client_commands
 from .errors import ImgprocError, describe
-from .imageio import FORMATS, output_path, read_image, write_image
+from .imageio import FORMATS, expand_inputs, output_path, read_image, write_image
 from .local_engines import ENGINES, get_engine
 from .ops import REGISTRY
 from .pipeline import Pipeline
@@ -93,6 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
         raise ImgprocError("run works in this process: add --local (or use `submit` for a server)")
     pipeline = pipeline_from_args(args)
+    args.files = expand_inputs(args.files)
     outputs = output_paths(args.files, args.output, args.format)
     failed = 0
     started = time.perf_counter()
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     ops.set_defaults(func=cmd_ops)
 
     run = sub.add_parser("run", help="process files in this process (the local reference)")
-    run.add_argument("files", nargs="+", metavar="FILE")
+    run.add_argument("files", nargs="+", metavar="FILE", help="files, folders or globs")
     run.add_argument("--local", action="store_true", help="required: run in this process")
     add_output_options(run)
     add_pipeline_options(run)

@@ -240,6 +240,19 @@ class Client:
             raise ServerError(header.get("code", "error"), header.get("message", ""))
         return header, data
 
+    def poll_events(self, timeout: float | None = None) -> list[tuple[Job, Event]]:
+        """Wait (at most ``timeout``) for messages about any of this client's jobs; return
+        every event that has arrived, oldest first.  Finished jobs are forgotten."""
+        if not any(job.queue for job in self.jobs.values()):
+            self._pump(timeout)
+        events = []
+        for job in list(self.jobs.values()):
+            while job.queue:
+                events.append((job, job.queue.popleft()))
+            if job.done:
+                del self.jobs[job.id]
+        return events
+
     # -- the receive side ---------------------------------------------------------------
 
     def _pump(self, timeout: float | None) -> None:

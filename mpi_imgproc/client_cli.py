@@ -10,9 +10,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .client import DEFAULT_ADDRESS, Client
-from .errors import describe
-from .imageio import encode, write_atomic
+from .client import DEFAULT_ADDRESS, Client, Event
+from .errors import ImgprocError, describe
+from .imageio import encode, expand_inputs, write_atomic
+from .pipeline import Pipeline
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -31,47 +32,89 @@ def _print_json(data: dict) -> None:
     print(json.dumps(data, indent=2))
 
 
+class BatchSubmission:
+    """Streams many files to the server in a bounded window of jobs and writes results as
+    they arrive, so memory stays flat whatever the number of files."""
+
+    def __init__(self, client: Client, args: argparse.Namespace, pipeline: Pipeline):
+        from .cli import output_paths
+
+        self.client, self.args, self.pipeline = client, args, pipeline
+        self.files: list[str] = args.files
+        self.targets = output_paths(self.files, args.output, args.format)
+        self.failed: list[str] = []
+        self.paths: dict[str, int] = {}
+        self.stats: list[dict] = []
+        self.offsets: dict[str, int] = {}  # job id -> index of its first file
+        self.bar = tqdm(total=len(self.files), unit="img", disable=args.quiet)
+
+    def run(self) -> None:
+        """Submit chunks while the window has room; handle events until every file is done."""
+        chunk, window = max(1, self.args.chunk), max(1, self.args.window)
+        starts = list(range(0, len(self.files), chunk))
+        while starts or self.offsets:
+            while starts and len(self.offsets) < window:
+                self._submit(starts.pop(0), chunk)
+            for job, event in self.client.poll_events(timeout=self.args.timeout):
+                self._handle(job.id, event)
+        self.bar.close()
+
+    def _submit(self, start: int, chunk: int) -> None:
+        files = self.files[start : start + chunk]
+        job = self.client.submit(files, self.pipeline, tile=self.args.tile, result=self.args.format)
+        self.offsets[job.id] = start
+
+    def _handle(self, job_id: str, event: Event) -> None:
+        header = event.header
+        if event.type == "result":
+            self._write(self.offsets[job_id] + header["index"], event)
+            path = header.get("path", "whole")
+            self.paths[path] = self.paths.get(path, 0) + 1
+            self.bar.update(1)
+        elif event.type == "image_error":
+            index = self.offsets[job_id] + header["index"]
+            self.failed.append(f"{self.files[index]}: {header['message']}")
+            self.bar.update(1)
+        elif event.type == "done":
+            del self.offsets[job_id]
+            self.stats.append(header.get("stats", {}))
+            if header["state"] != "done":
+                self.failed.append(f"job {job_id} {header['state']}: {header.get('message')}")
+
+    def _write(self, index: int, event: Event) -> None:
+        target = self.targets[index]
+        try:
+            if event.header.get("encoding") == "raw":
+                data = encode(event.image(), target.suffix)
+            else:
+                data = bytes(event.frames[0])
+            write_atomic(target, data)
+        except Exception as exc:  # noqa: BLE001 - one unwritable result must not stop the rest
+            self.failed.append(f"{self.files[index]}: {describe(exc)}")
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Send files to the server, show progress, write results next to each other in OUTDIR."""
-    from .cli import output_paths, pipeline_from_args
+    """Send files to the server, show progress, write results (with the inputs' stems)."""
+    from .cli import pipeline_from_args
 
     pipeline = pipeline_from_args(args)
-    targets = output_paths(args.files, args.output, args.format)
-    tile = "auto" if args.tile in (None, "auto") else int(args.tile)
-    failed = []
+    args.files = expand_inputs(args.files)
+    if not args.files:
+        raise ImgprocError("no input files (check the folder or glob)")
+    args.tile = "auto" if args.tile in (None, "auto") else int(args.tile)
     with _client(args) as client:
-        job = client.submit(args.files, pipeline, tile=tile)
-        bar = tqdm(total=len(args.files), unit="img", desc=job.id, disable=args.quiet)
-        for event in job.events():
-            index = event.header.get("index")
-            if event.type == "result":
-                _write_result(event, targets[index], failed, args.files[index])
-                bar.update(1)
-            elif event.type == "image_error":
-                failed.append(f"{args.files[index]}: {event.header['message']}")
-                bar.update(1)
-            elif event.type == "progress":
-                bar.set_postfix(tiles=f"{event.header['tiles_done']}/{event.header['tiles_total']}")
-        bar.close()
-        result = job.result()
-    for line in failed:
+        batch = BatchSubmission(client, args, pipeline)
+        batch.run()
+    for line in batch.failed:
         print(f"error: {line}", file=sys.stderr)
-    if result.state != "done":
-        print(f"error: job {job.id} {result.state}: {result.message}", file=sys.stderr)
+    stats = {"jobs": batch.stats, "paths": batch.paths}
     if args.stats:
-        print(json.dumps(result.stats, indent=2))
+        print(json.dumps(stats, indent=2))
     if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(result.stats, indent=2))
-    written = len(args.files) - len(failed)
-    print(f"{written} of {len(args.files)} images written to {args.output} (job {job.id})")
-    return 0 if result.state == "done" and not failed else 1
-
-
-def _write_result(event, target: Path, failed: list[str], source: str) -> None:
-    try:
-        write_atomic(target, encode(event.image(), target.suffix))
-    except Exception as exc:  # noqa: BLE001 - one unwritable result must not stop the rest
-        failed.append(f"{source}: {describe(exc)}")
+        Path(args.stats_json).write_text(json.dumps(stats, indent=2))
+    written = len(args.files) - sum(1 for f in batch.failed if not f.startswith("job "))
+    print(f"{written} of {len(args.files)} images written to {args.output}")
+    return 1 if batch.failed else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -118,7 +161,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     from .cli import add_output_options, add_pipeline_options
 
     submit = sub.add_parser("submit", help="submit files to a server and write the results")
-    submit.add_argument("files", nargs="+", metavar="FILE")
+    submit.add_argument("files", nargs="+", metavar="FILE", help="files, folders or globs")
     add_output_options(submit)
     add_pipeline_options(submit)
     add_server_options(submit)
@@ -126,6 +169,8 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--stats", action="store_true", help="print the job's timings")
     submit.add_argument("--stats-json", metavar="FILE", help="save the job's timings as JSON")
     submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    submit.add_argument("--chunk", type=int, default=16, help="images per job sent")
+    submit.add_argument("--window", type=int, default=4, help="jobs in flight at once")
     submit.set_defaults(func=cmd_submit)
 
     for name, func, text in (

@@ -7,8 +7,10 @@ and PNG data end where their format says they end before handing them to OpenCV.
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -18,6 +20,7 @@ from .errors import ImageReadError, ImageWriteError
 from .ops import check_image
 
 FORMATS = ("png", "jpg", "tif", "same")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm")
 _EXTENSIONS = {"png": ".png", "jpg": ".jpg", "tif": ".tif"}
 _JPEG_EOI = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -103,3 +106,25 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
     """Encode by the path's suffix and write atomically."""
     path = Path(path)
     write_atomic(path, encode(image, path.suffix))
+
+
+def expand_inputs(items: Iterable[str]) -> list[str]:
+    """Files named by paths, folders (their image files, sorted) and globs, in order.
+
+    A path that does not exist is kept, so that it is reported as unreadable like any other
+    bad input rather than silently skipped.
+    """
+    files: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            names = sorted(os.listdir(item))
+            files += [
+                os.path.join(item, n)
+                for n in names
+                if n.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(item, n))
+            ]
+        elif glob.has_magic(item):
+            files += sorted(f for f in glob.glob(item) if os.path.isfile(f))
+        else:
+            files.append(item)
+    return files
