@@ -124,9 +124,13 @@ def plan_image(
         return Plan("whole", reason="size unknown before decoding")
     compute, transfer = estimate(pipeline, shape)
     megapixels = shape[0] * shape[1] / 1e6
-    if compute < cutover_s or compute < 4 * transfer or workers < 2:
-        why = f"{megapixels:.2f} MP, est. compute {compute * 1e3:.1f} ms"
-        return Plan("whole", reason=f"{why} below the cut-over ({cutover_s * 1e3:g} ms)")
+    why = f"{megapixels:.2f} MP, est. compute {compute * 1e3:.1f} ms"
+    if workers < 2:
+        return Plan("whole", reason=f"{why}; one worker")
+    if compute < cutover_s:
+        return Plan("whole", reason=f"{why}, below the cut-over of {cutover_s * 1e3:g} ms")
+    if compute < 4 * transfer:
+        return Plan("whole", reason=f"{why}, under 4x the transfer ({transfer * 1e3:.1f} ms)")
     rows = max(16, math.ceil(shape[0] / (STRIPS_PER_WORKER * workers)))
     return Plan(
         "tiled",

@@ -85,6 +85,7 @@ class ImageWork:
     statistic: np.ndarray | None = None
     tiles_used: int = 0
     started: bool = False
+    started_at: float = 0.0
     finished: bool = False
 
     @property
@@ -206,6 +207,7 @@ class Scheduler:
         self.backend = backend
         self.max_pixels = max_pixels
         self.cutover_s = cutover_s
+        self.hold = False  # True: hand out no new task (draining before a shutdown)
         self.jobs: dict[str, Job] = {}
         self.turns: deque[str] = deque()
         self.running: dict[int, Task] = {}
@@ -245,7 +247,7 @@ class Scheduler:
         for done in self.backend.poll():
             progressed = True
             self._complete(done)
-        while self.backend.free_slots() > 0:
+        while not self.hold and self.backend.free_slots() > 0:
             task = self._next_task()
             if task is None:
                 break
@@ -275,7 +277,7 @@ class Scheduler:
     def _start_next_image(self, job: Job) -> None:
         for image in job.images:
             if not image.started:
-                image.started = True
+                image.started, image.started_at = True, time.perf_counter()
                 if job.started is None:
                     job.started, job.state = time.perf_counter(), "running"
                 self._start_image(image)
