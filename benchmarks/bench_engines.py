@@ -197,8 +197,8 @@ def measure(
 ) -> list[Row]:
     """Time every engine (and plain OpenCV) on every workload ``repeat`` times, interleaved.
 
-    One untimed round runs first: it warms caches and allocator, and records the sequential
-    engine's output that every other output is compared with, in every round.
+    The sequential engine's output is recorded first; every output of every round, the untimed
+    first one included, is compared with it.  The untimed round warms caches and allocator.
     """
     rows: list[Row] = []
     for work in workloads:

@@ -50,20 +50,33 @@ def pixel_fields(array: np.ndarray) -> dict[str, Any]:
 
 
 class Backoff:
-    """Throttled polling: sleep a little longer each idle round, start over on activity.
+    """Throttled polling: short sleeps while work is recent, long ones once idle.
 
-    MPICH's blocking calls poll hard; a rank waiting that way burns a core.  Probing, then
-    sleeping between 50 µs (busy) and ``ceiling`` (idle), keeps latency low under load and an
-    idle rank near 0 % CPU.
+    MPICH's blocking calls poll hard; a rank waiting that way burns a core.  Instead a rank
+    probes, then sleeps: from ``floor`` doubling up to ``warm_ceiling`` for ``warm_period``
+    seconds after the last activity (so the next task of a busy stream is picked up within a
+    fraction of a millisecond), then up to ``ceiling`` (so an idle rank stays near 0 % CPU).
     """
 
-    def __init__(self, floor: float = 50e-6, ceiling: float = 0.02):
+    def __init__(
+        self,
+        floor: float = 50e-6,
+        ceiling: float = 0.01,
+        warm_ceiling: float = 2e-4,
+        warm_period: float = 1.0,
+    ):
         self.floor, self.ceiling = floor, ceiling
+        self.warm_ceiling, self.warm_period = min(warm_ceiling, ceiling), warm_period
         self.delay = floor
+        self.last_activity = time.monotonic()
 
     def reset(self) -> None:
+        """Something happened: poll fast again."""
         self.delay = self.floor
+        self.last_activity = time.monotonic()
 
     def sleep(self) -> None:
+        """Nothing happened: sleep a little longer than last time."""
         time.sleep(self.delay)
-        self.delay = min(self.ceiling, self.delay * 2)
+        warm = time.monotonic() - self.last_activity < self.warm_period
+        self.delay = min(self.warm_ceiling if warm else self.ceiling, self.delay * 2)

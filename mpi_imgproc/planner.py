@@ -9,7 +9,10 @@ pixels through rank 0 and the fixed cost of each task.  The model is deliberatel
 
 ``auto`` tiles an image when its compute estimate is at least ``cutover_s`` *and* four times its
 transfer estimate; everything else goes whole (one task: the worker decodes, runs the whole
-pipeline, encodes).  ``--tile N`` forces tiles of N, ``--tile 0`` forces whole images.
+pipeline, encodes).  A raw-pixel image whose compute estimate is below both its transfer
+estimate and ``inline_s`` runs *inline* on rank 0, where its pixels already are: moving them to a
+worker and back would cost more than the work (this is what keeps a small grayscale job's round
+trip short).  ``--tile N`` forces tiles of N, ``--tile 0`` forces whole images.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .imageio import decode
 from .pipeline import Pipeline
 
 DEFAULT_CUTOVER_S = 0.03
+DEFAULT_INLINE_S = 0.01
 TRANSFER_NS_PER_BYTE = 0.5
 STRIPS_PER_WORKER = 3
 
@@ -113,8 +117,9 @@ def plan_image(
     tile: int | str,
     workers: int,
     cutover_s: float = DEFAULT_CUTOVER_S,
+    inline_s: float = 0.0,
 ) -> Plan:
-    """Decide whole or tiled for one image (see the module docstring)."""
+    """Decide whole, tiled or inline for one image (see the module docstring)."""
     if tile == 0:
         return Plan("whole", reason="--tile 0")
     shape = source.probe()
@@ -125,6 +130,12 @@ def plan_image(
     compute, transfer = estimate(pipeline, shape)
     megapixels = shape[0] * shape[1] / 1e6
     why = f"{megapixels:.2f} MP, est. compute {compute * 1e3:.1f} ms"
+    if source.pixels is not None and compute < min(transfer, inline_s):
+        return Plan(
+            "inline",
+            reason=f"{why}, less than moving its raw pixels to a worker "
+            f"({transfer * 1e3:.1f} ms): run on rank 0",
+        )
     if workers < 2:
         return Plan("whole", reason=f"{why}; one worker")
     if compute < cutover_s:

@@ -25,7 +25,7 @@ import numpy as np
 from .errors import LimitExceeded, describe, error_code
 from .imagetask import ENCODED, PATH, PIXELS, as_buffer
 from .pipeline import Pipeline, ReduceStage, Stage
-from .planner import DEFAULT_CUTOVER_S, ImageSource, Plan, plan_image
+from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, ImageSource, Plan, plan_image
 from .tiling import Merger, Tile, split_with_halo
 
 
@@ -203,10 +203,14 @@ class Scheduler:
         backend: Backend,
         max_pixels: int = 400_000_000,
         cutover_s: float = DEFAULT_CUTOVER_S,
+        local: Backend | None = None,
+        inline_s: float = DEFAULT_INLINE_S,
     ):
         self.backend = backend
         self.max_pixels = max_pixels
         self.cutover_s = cutover_s
+        self.local = local  # runs "inline" images on rank 0 (see planner)
+        self.inline_s = inline_s if local is not None else 0.0
         self.hold = False  # True: hand out no new task (draining before a shutdown)
         self.jobs: dict[str, Job] = {}
         self.turns: deque[str] = deque()
@@ -244,9 +248,10 @@ class Scheduler:
     def step(self) -> bool:
         """Collect finished tasks and hand out new ones; True if anything happened."""
         progressed = False
-        for done in self.backend.poll():
-            progressed = True
-            self._complete(done)
+        for backend in (self.local, self.backend) if self.local else (self.backend,):
+            for done in backend.poll():
+                progressed = True
+                self._complete(done)
         while not self.hold and self.backend.free_slots() > 0:
             task = self._next_task()
             if task is None:
@@ -290,9 +295,20 @@ class Scheduler:
         """Plan the image; send it whole as one task, or decode it here and start stage one."""
         job = image.job
         image.plan = plan_image(
-            job.pipeline, image.source, job.tile, self.backend.workers, self.cutover_s
+            job.pipeline,
+            image.source,
+            job.tile,
+            self.backend.workers,
+            self.cutover_s,
+            self.inline_s,
         )
-        if image.plan.path == "whole":
+        if image.plan.path == "inline" and self.local is not None:
+            self._queue(image, self._image_task(image), None)
+            task = job.ready.pop()
+            self.running[task.id] = task
+            self.local.submit(task)
+            return
+        if image.plan.path in ("whole", "inline"):
             self._queue(image, self._image_task(image), None)
             return
         started = time.perf_counter()

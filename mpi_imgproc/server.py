@@ -36,8 +36,9 @@ from . import __version__
 from .errors import ImgprocError
 from .imageio import encode
 from .local_engines import ENGINES, default_workers, get_engine
+from .mpi_transport import Backoff
 from .pipeline import Pipeline
-from .planner import DEFAULT_CUTOVER_S, ImageSource
+from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, ImageSource
 from .protocol import (
     VERSION,
     ImageFrame,
@@ -68,6 +69,7 @@ class Options(argparse.Namespace):
     client_timeout: float
     in_flight: int | None
     cutover_ms: float
+    inline_ms: float
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Options:
@@ -91,6 +93,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         type=float,
         default=DEFAULT_CUTOVER_S * 1e3,
         help="with --tile auto: images estimated to take less compute go to a worker whole",
+    )
+    parser.add_argument(
+        "--inline-ms",
+        type=float,
+        default=DEFAULT_INLINE_S * 1e3,
+        help="raw-pixel images cheaper than this (and than moving them) run on rank 0; 0: never",
     )
     parser.add_argument("--max-request-mb", type=float, default=1024.0, help="request size limit")
     parser.add_argument("--max-pixels", type=int, default=400_000_000, help="pixels per image")
@@ -210,12 +218,20 @@ class Server:
             signal.signal(sig, self._stop)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        progressed, next_check = False, 0.0
+        backoff = Backoff(floor=20e-6, ceiling=1e-3)
+        next_check = 0.0
         while not self.stopping:
-            timeout = 0 if progressed else (1 if self.scheduler.busy else 100)
-            handled = bool(poller.poll(timeout)) and self._read_requests()
+            # Idle: sleep in ZeroMQ's poll, woken at once by a client.  Busy: poll ZeroMQ
+            # without waiting and sleep in short steps, so that MPI (whose large transfers
+            # advance only while rank 0 calls into MPI) keeps moving.
+            busy = self.scheduler.busy or bool(self.outbox)
+            handled = bool(poller.poll(0 if busy else 100)) and self._read_requests()
             progressed = self.scheduler.step() or handled
             progressed = self._flush() or progressed
+            if progressed:
+                backoff.reset()
+            elif busy:
+                backoff.sleep()
             if time.monotonic() >= next_check:
                 self._drop_silent_clients()
                 next_check = time.monotonic() + 1.0
@@ -433,6 +449,7 @@ def run_rank0(comm: MPI.Comm, options: Options) -> None:
         "workers_per_rank": per_rank,
         "tile": options.tile,
         "cutover_ms": options.cutover_ms,
+        "inline_ms": options.inline_ms,
         "versions": versions(),
         "limits": {
             "max_request_bytes": int(options.max_request_mb * 2**20),
@@ -449,7 +466,10 @@ def run_rank0(comm: MPI.Comm, options: Options) -> None:
         f"CURVE {'on' if options.curve_keys else 'off'}; pid {os.getpid()}",
         flush=True,
     )
-    scheduler = Scheduler(backend, options.max_pixels, options.cutover_ms / 1e3)
+    local = LocalBackend(get_engine("sequential")) if size > 1 else None
+    scheduler = Scheduler(
+        backend, options.max_pixels, options.cutover_ms / 1e3, local, options.inline_ms / 1e3
+    )
     try:
         Server(sock, scheduler, options, info).serve_forever()
     finally:

@@ -116,8 +116,20 @@ class Merger:
         return self.remaining == 0
 
 
+def output_like(stage: Stage, image: np.ndarray) -> np.ndarray:
+    """An empty output for a tiled stage over ``image``: same height and width, with the dtype
+    and channels the stage produces (found by running it on a 4×4 corner)."""
+    height, width = image.shape[:2]
+    probe = stage.process(image[: min(height, 4), : min(width, 4)])
+    return np.empty((height, width) + probe.shape[2:], probe.dtype)
+
+
 def run_stage(stage: Stage, image: np.ndarray, engine: Engine, tile_size: int) -> np.ndarray:
-    """Run one stage over ``image`` in tiles through ``engine`` and return the merged result."""
+    """Run one stage over ``image`` in tiles through ``engine`` and return the merged result.
+
+    Tile results are written straight into the output by the engine's workers (``run_into``),
+    so the merge is spread over the workers and costs no extra copy.
+    """
     height, width = image.shape[:2]
     if isinstance(stage, ReduceStage):
         parts = split_with_halo(height, width, tile_size, 0)
@@ -125,12 +137,13 @@ def run_stage(stage: Stage, image: np.ndarray, engine: Engine, tile_size: int) -
         stage = stage.applier(np.sum(stats, axis=0))
     size = 0 if stage.whole else tile_size
     tiles = split_with_halo(height, width, size, stage.halo, stage.full_rows)
-    results = engine.run(stage, [t.region_of(image) for t in tiles], [t.margins for t in tiles])
-    merger = Merger(height, width, tiles)
-    for tile, result in zip(tiles, results):
-        merger.place(tile, result)
-    assert merger.output is not None
-    return merger.output
+    pieces, margins = [t.region_of(image) for t in tiles], [t.margins for t in tiles]
+    if len(tiles) == 1:
+        return engine.run(stage, pieces, margins)[0]
+    out = output_like(stage, image)
+    cores = [out[y0:y1, x0:x1] for y0, y1, x0, x1 in (t.core for t in tiles)]
+    engine.run_into(stage, pieces, margins, cores)
+    return out
 
 
 def run_pipeline(

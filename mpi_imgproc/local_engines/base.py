@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -30,7 +29,7 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class Engine(ABC):
+class Engine:
     """Runs a stage over many tiles inside one process (or its helpers).
 
     Engines own the parallelism: they pin OpenCV to one thread per call so that the engine's
@@ -43,15 +42,30 @@ class Engine(ABC):
         self.workers = workers or default_workers()
         cv2.setNumThreads(1)
 
-    @abstractmethod
     def run(
         self, stage: Stage, pieces: Sequence[np.ndarray], margins: Sequence[Box]
     ) -> list[np.ndarray]:
         """Process each piece (a tile region) with ``stage``; results in the same order."""
+        return self.map(lambda i: process_tile(stage, pieces[i], margins[i]), range(len(pieces)))
+
+    def run_into(
+        self,
+        stage: Stage,
+        pieces: Sequence[np.ndarray],
+        margins: Sequence[Box],
+        dests: Sequence[np.ndarray],
+    ) -> None:
+        """Like ``run``, but write each cropped result into ``dests[i]`` (the tile's core in the
+        merged output), so that merging happens on the engine's workers, not after them."""
+
+        def one(i: int) -> None:
+            dests[i][...] = process_tile(stage, pieces[i], margins[i])
+
+        self.map(one, range(len(pieces)))
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         """``fn`` over ``items`` on the engine's workers where they can share Python objects
-        (threads), else one after another; used for whole-image tasks."""
+        (threads), else one after another in this thread."""
         return [fn(item) for item in items]
 
     def close(self) -> None:

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
-
-from ..pipeline import Stage
-from ..tiling import Box
-from .base import Engine, process_tile
+from .base import Engine
 
 
 class SequentialEngine(Engine):
@@ -18,8 +12,3 @@ class SequentialEngine(Engine):
 
     def __init__(self, workers: int | None = None):
         super().__init__(1)
-
-    def run(
-        self, stage: Stage, pieces: Sequence[np.ndarray], margins: Sequence[Box]
-    ) -> list[np.ndarray]:
-        return [process_tile(stage, p, m) for p, m in zip(pieces, margins)]

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
-from ..pipeline import Stage
-from ..tiling import Box
-from .base import Engine, process_tile
+from .base import Engine, R, T
 
 
 class ThreadEngine(Engine):
@@ -21,15 +17,8 @@ class ThreadEngine(Engine):
         super().__init__(workers)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="imgproc")
 
-    def run(
-        self, stage: Stage, pieces: Sequence[np.ndarray], margins: Sequence[Box]
-    ) -> list[np.ndarray]:
-        if len(pieces) == 1:  # nothing to share: skip the hand-off
-            return [process_tile(stage, pieces[0], margins[0])]
-        return list(self._pool.map(lambda pm: process_tile(stage, *pm), zip(pieces, margins)))
-
-    def map(self, fn, items):  # noqa: ANN001 - see Engine.map
-        if len(items) <= 1:
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        if len(items) <= 1:  # nothing to share: skip the hand-off
             return [fn(item) for item in items]
         return list(self._pool.map(fn, items))
 

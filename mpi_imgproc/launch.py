@@ -1,0 +1,126 @@
+"""Start ``mpiexec -n N python -m mpi_imgproc.server`` from Python, and always clean up.
+
+Used by the tests, the benchmarks and ``mpi-imgproc bench``.  The server binds
+``tcp://127.0.0.1:*`` (a free port chosen by ZeroMQ) and prints the address it got; the caller
+reads it from the first line.  The whole process group is killed on exit, so a failure never
+leaves ranks behind.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+STARTUP_TIMEOUT = 60.0
+
+
+def mpiexec() -> str:
+    """The mpiexec beside this Python (the venv's mpich wheel), else the one on PATH."""
+    local = Path(sys.executable).parent / "mpiexec"
+    found = str(local) if local.exists() else shutil.which("mpiexec")
+    if not found:
+        raise RuntimeError("mpiexec not found: run `make install`")
+    return found
+
+
+class Cluster:
+    """A running server: its address, its output so far, and its process."""
+
+    proc: subprocess.Popen
+
+    def __init__(self, proc: subprocess.Popen, lines: queue.Queue):
+        self.proc = proc
+        self.lines = lines
+        self.output: list[str] = []
+        self.address = ""
+
+    def read_until(self, marker: str, timeout: float) -> str:
+        """Wait for a line containing ``marker``; the output so far is in the error."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+            if marker in line:
+                return line
+        raise RuntimeError(f"server did not print {marker!r}; output:\n" + "".join(self.output))
+
+    def drain(self) -> str:
+        """Everything the server printed so far."""
+        while True:
+            try:
+                line = self.lines.get_nowait()
+            except queue.Empty:
+                return "".join(self.output)
+            if line is None:
+                return "".join(self.output)
+            self.output.append(line)
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Send ``sig`` to mpiexec and wait; returns its exit code."""
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in iter(stream.readline, ""):
+        lines.put(line)
+    lines.put(None)
+
+
+@contextmanager
+def running_cluster(ranks: int = 3, *args: str) -> Iterator[Cluster]:
+    """Start the server on ``ranks`` ranks with extra ``args``; kill its process group after."""
+    cmd = [
+        mpiexec(),
+        "-n",
+        str(ranks),
+        sys.executable,
+        "-m",
+        "mpi_imgproc.server",
+        "--bind",
+        "tcp://127.0.0.1:*",
+        *args,
+    ]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env=env,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+    cluster = Cluster(proc, lines)
+    try:
+        line = cluster.read_until("listening on", STARTUP_TIMEOUT)
+        cluster.address = line.rsplit(" ", 1)[1].strip()
+        cluster.read_until("ranks", 5)
+        yield cluster
+    finally:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
