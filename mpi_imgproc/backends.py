@@ -72,7 +72,12 @@ class MPIBackend(Backend):
             header = recv_header(self.comm, status)
             result = None
             if "shape" in header:
-                result = recv_pixels(self.comm, rank, TAG_RESULT_PIXELS, header)
+                into = self.destination(header) if self.destination else None
+                if into is None:
+                    result = recv_pixels(self.comm, rank, TAG_RESULT_PIXELS, header)
+                else:
+                    self.comm.Recv(into, source=rank, tag=TAG_RESULT_PIXELS)
+                    result = into
             self.load[rank] -= 1
             done.append(completion(header, result, rank))
         return done

@@ -7,12 +7,16 @@ pixels through rank 0 and the fixed cost of each task.  The model is deliberatel
   OpenCV on one core;
 * transfer ≈ pixels × channels × bytes per value × 2 (out and back) × 0.5 ns.
 
-``auto`` tiles an image when its compute estimate is at least ``cutover_s`` *and* four times its
+``auto`` tiles an image when its compute estimate is at least ``cutover_s`` and, for an encoded
+image (which would have to be decoded on rank 0 and its raw pixels moved), four times its
 transfer estimate; everything else goes whole (one task: the worker decodes, runs the whole
-pipeline, encodes).  A raw-pixel image whose compute estimate is below both its transfer
-estimate and ``inline_s`` runs *inline* on rank 0, where its pixels already are: moving them to a
-worker and back would cost more than the work (this is what keeps a small grayscale job's round
-trip short).  ``--tile N`` forces tiles of N, ``--tile 0`` forces whole images.
+pipeline, encodes).  Raw pixels travel either way, so for them only the cut-over counts.
+
+A raw-pixel image whose compute estimate is below both its transfer estimate and ``inline_s``
+runs *inline* on rank 0, where its pixels already are: moving them to a worker and back would
+cost more than the work (this is what keeps a small grayscale job's round trip short).
+
+``--tile N`` forces tiles of N, ``--tile 0`` forces whole images.
 """
 
 from __future__ import annotations
@@ -140,7 +144,7 @@ def plan_image(
         return Plan("whole", reason=f"{why}; one worker")
     if compute < cutover_s:
         return Plan("whole", reason=f"{why}, below the cut-over of {cutover_s * 1e3:g} ms")
-    if compute < 4 * transfer:
+    if source.pixels is None and compute < 4 * transfer:  # tiles would need decoding here
         return Plan("whole", reason=f"{why}, under 4x the transfer ({transfer * 1e3:.1f} ms)")
     rows = max(16, math.ceil(shape[0] / (STRIPS_PER_WORKER * workers)))
     return Plan(

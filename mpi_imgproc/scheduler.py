@@ -179,6 +179,9 @@ class Backend:
 
     workers = 1
 
+    # Set by the scheduler: where to receive a task's result (header -> array or None).
+    destination: Callable[[dict[str, Any]], np.ndarray | None] | None = None
+
     def free_slots(self) -> int:
         raise NotImplementedError
 
@@ -210,6 +213,7 @@ class Scheduler:
         self.max_pixels = max_pixels
         self.cutover_s = cutover_s
         self.local = local  # runs "inline" images on rank 0 (see planner)
+        backend.destination = self.receive_buffer
         self.inline_s = inline_s if local is not None else 0.0
         self.hold = False  # True: hand out no new task (draining before a shutdown)
         self.jobs: dict[str, Job] = {}
@@ -237,6 +241,14 @@ class Scheduler:
     def forget(self, job_id: str) -> None:
         """Drop a finished job from the table."""
         self.jobs.pop(job_id, None)
+
+    def receive_buffer(self, header: dict[str, Any]) -> np.ndarray | None:
+        """Where a tile result announced by ``header`` can be received straight into the
+        merged output (full-width strips are contiguous), saving a copy on rank 0."""
+        task = self.running.get(header.get("task", -1))
+        if task is None or task.tile is None or task.image.merger is None:
+            return None
+        return task.image.merger.view_for(task.tile, header["shape"], header["dtype"])
 
     @property
     def busy(self) -> bool:

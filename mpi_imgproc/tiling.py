@@ -101,7 +101,8 @@ class Merger:
         self.remaining = len(tiles)
 
     def place(self, tile: Tile, result: np.ndarray) -> None:
-        """Write one tile's cropped result into the output."""
+        """Write one tile's cropped result into the output (nothing to copy if the result was
+        received straight into it, see ``view_for``)."""
         self.remaining -= 1
         if self.single:
             self.output = result
@@ -109,7 +110,20 @@ class Merger:
         if self.output is None:
             self.output = np.empty((self.height, self.width) + result.shape[2:], result.dtype)
         y0, y1, x0, x1 = tile.core
-        self.output[y0:y1, x0:x1] = result
+        if not np.may_share_memory(result, self.output):
+            self.output[y0:y1, x0:x1] = result
+
+    def view_for(self, tile: Tile, shape: Sequence[int], dtype: str) -> np.ndarray | None:
+        """The tile's core in the output, to receive a result of ``shape``/``dtype`` into
+        directly; None where that is not possible (one tile, another dtype, not contiguous)."""
+        if self.single:
+            return None
+        if self.output is None:
+            self.output = np.empty((self.height, self.width, *shape[2:]), np.dtype(dtype))
+        y0, y1, x0, x1 = tile.core
+        view = self.output[y0:y1, x0:x1]
+        fits = view.shape == tuple(shape) and view.dtype == np.dtype(dtype)
+        return view if fits and view.flags.c_contiguous else None
 
     @property
     def done(self) -> bool:
