@@ -306,6 +306,12 @@ class Scheduler:
     def _start_image(self, image: ImageWork) -> None:
         """Plan the image; send it whole as one task, or decode it here and start stage one."""
         job = image.job
+        if image.source.path and image.source.data is None and not job.shared_fs:
+            try:  # read once: probed and sent from memory
+                image.source.data = image.source.encoded()
+            except OSError as exc:
+                self._fail_image(image, "image_read_error", f"cannot read: {exc.strerror or exc}")
+                return
         image.plan = plan_image(
             job.pipeline,
             image.source,

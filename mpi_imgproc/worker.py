@@ -80,8 +80,15 @@ def _run_images(engine: Engine, tasks: list[Task]) -> list[Any]:
     return engine.map(one, tasks)
 
 
-def _send_result(comm: MPI.Comm, task_id: int, result: Any, busy: float) -> None:
-    """Send a result header (with timings) and, if there is one, its buffer."""
+Sending = tuple[list[MPI.Request], tuple[Any, ...]]  # requests, and the buffers they use
+
+
+def _send_result(comm: MPI.Comm, task_id: int, result: Any, busy: float) -> Sending:
+    """Start sending a result header (with timings) and, if there is one, its buffer.
+
+    Non-blocking: a blocking send would spin (MPICH polls) until rank 0 receives; instead the
+    worker goes on with its next task and the buffers are kept until the sends complete.
+    """
     header: dict[str, Any] = {
         "task": task_id,
         "busy": busy,
@@ -96,9 +103,11 @@ def _send_result(comm: MPI.Comm, task_id: int, result: Any, busy: float) -> None
     if buffer is not None:
         buffer = np.ascontiguousarray(buffer)
         header.update(pixel_fields(buffer))
-    comm.Send([encode_header(header), MPI.BYTE], dest=0, tag=TAG_RESULT)
+    encoded = encode_header(header)
+    requests = [comm.Isend([encoded, MPI.BYTE], dest=0, tag=TAG_RESULT)]
     if buffer is not None:
-        comm.Send(buffer, dest=0, tag=TAG_RESULT_PIXELS)
+        requests.append(comm.Isend(buffer, dest=0, tag=TAG_RESULT_PIXELS))
+    return requests, (encoded, buffer)
 
 
 def serve(comm: MPI.Comm, engine: Engine) -> None:
@@ -108,8 +117,10 @@ def serve(comm: MPI.Comm, engine: Engine) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     backoff = Backoff()
+    sending: list[Sending] = []
     stop = False
     while not stop:
+        sending = [s for s in sending if not MPI.Request.Testall(s[0])]
         tasks, stop = _receive_tasks(comm)
         if not tasks:
             if not stop:
@@ -127,5 +138,6 @@ def serve(comm: MPI.Comm, engine: Engine) -> None:
                 results = _run_batch(engine, key, batch)
             busy = (time.perf_counter() - started) / len(batch)
             for (header, _), result in zip(batch, results):
-                _send_result(comm, header["task"], result, busy)
+                sending.append(_send_result(comm, header["task"], result, busy))
+    MPI.Request.Waitall([r for requests, _ in sending for r in requests])
     comm.Send([encode_header({}), MPI.BYTE], dest=0, tag=TAG_BYE)
