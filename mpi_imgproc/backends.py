@@ -68,6 +68,7 @@ class MPIBackend(Backend):
         done = []
         status = MPI.Status()
         while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=status):
+            started = time.perf_counter()
             rank = status.Get_source()
             header = recv_header(self.comm, status)
             result = None
@@ -80,6 +81,7 @@ class MPIBackend(Backend):
                     result = into
             self.load[rank] -= 1
             done.append(completion(header, result, rank))
+            done[-1].received_s = time.perf_counter() - started
         return done
 
     def close(self, deadline: float) -> None:

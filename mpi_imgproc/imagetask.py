@@ -12,6 +12,7 @@ rank and on rank 0 when it runs alone.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ def run_image_task(
     ``source``/``target`` paths for path input/output.
     """
     pipeline = Pipeline.from_json(spec["pipeline"])
+    started = time.perf_counter()
     if spec["input"] == PATH:
         image = read_image(spec["source"])
     elif spec["input"] == ENCODED:
@@ -52,11 +54,15 @@ def run_image_task(
             f"{image.shape[1]}x{image.shape[0]} has more than the server's limit of "
             f"{spec['max_pixels']} pixels (--max-pixels)"
         )
+    decoded = time.perf_counter()
     result = pipeline.apply(image)
     fields: dict[str, Any] = {"out_shape": list(result.shape), "out_dtype": str(result.dtype)}
+    fields["decode_s"] = decoded - started if spec["input"] != PIXELS else 0.0
     if spec["output"] == PIXELS:
         return np.ascontiguousarray(result), fields
+    encoding = time.perf_counter()
     data = encode(result, spec["format"])
+    fields["encode_s"] = time.perf_counter() - encoding
     if spec["output"] == ENCODED:
         return as_buffer(data), fields
     write_atomic(Path(spec["target"]), data)

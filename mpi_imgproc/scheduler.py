@@ -28,6 +28,11 @@ from .pipeline import Pipeline, ReduceStage, Stage
 from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, ImageSource, Plan, plan_image
 from .tiling import Merger, Tile, split_with_halo
 
+# Where a job's time goes, summed over its images and tasks (seconds).  Rank 0 measures decode
+# (of tiled images), split, send, receive and merge; workers report compute, and the decode and
+# encode they do for whole images; the front adds its own encode.
+TIMED_STAGES = ("decode", "split", "send", "compute", "receive", "merge", "encode")
+
 
 @dataclass
 class Task:
@@ -58,6 +63,7 @@ class Completion:
     cpu: float = 0.0
     maxrss_kb: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
+    received_s: float = 0.0  # rank 0's time receiving the result
 
 
 @dataclass
@@ -125,7 +131,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     ended: float | None = None
-    times: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "compute": 0.0})
+    times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMED_STAGES, 0.0))
     ranks: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
@@ -149,8 +155,7 @@ class Job:
         start = self.started or end
         return {
             "queue": round(start - self.submitted, 6),
-            "decode": round(self.times["decode"], 6),
-            "compute": round(self.times["compute"], 6),
+            **{k: round(v, 6) for k, v in self.times.items()},
             "total": round(end - self.submitted, 6),
             "ranks": {
                 str(r): {k: round(v, 6) for k, v in s.items()} for r, s in self.ranks.items()
@@ -271,6 +276,7 @@ class Scheduler:
             task.sent_at = time.perf_counter()
             self.running[task.id] = task
             self.backend.submit(task)
+            task.image.job.times["send"] += time.perf_counter() - task.sent_at
             progressed = True
         return progressed
 
@@ -380,6 +386,11 @@ class Scheduler:
         image.job.ready.append(Task(next(self._task_ids), image, header, payload, tile))
 
     def _start_stage(self, image: ImageWork) -> None:
+        started = time.perf_counter()
+        self._cut_stage(image)
+        image.job.times["split"] += time.perf_counter() - started
+
+    def _cut_stage(self, image: ImageWork) -> None:
         assert image.pixels is not None
         stage = image.stages[image.stage_no]
         height, width = image.pixels.shape[:2]
@@ -412,6 +423,9 @@ class Scheduler:
         rank["cpu_s"] = done.cpu
         rank["maxrss_mb"] = done.maxrss_kb / 1024
         job.times["compute"] += done.busy
+        job.times["receive"] += done.received_s
+        job.times["decode"] += done.fields.pop("decode_s", 0.0)
+        job.times["encode"] += done.fields.pop("encode_s", 0.0)
         if not job.active or image.finished:
             return
         job.tiles_done += 1
@@ -429,7 +443,9 @@ class Scheduler:
             )
         else:
             assert image.merger is not None
+            started = time.perf_counter()
             image.merger.place(task.tile, done.result)
+            job.times["merge"] += time.perf_counter() - started
         image.pending -= 1
         if image.pending == 0:
             self._stage_finished(image)

@@ -175,11 +175,14 @@ class ClientReplies(JobListener):
             fields["encoding"] = output_format(job.output, image.name)
             data = result.encoded
             if data is None:  # a tiled image, merged here
+                started = time.perf_counter()
                 try:
                     data = encode(result.pixels, fields["encoding"])
                 except ImgprocError as exc:
                     self.image_failed(job, image, exc.code, str(exc))
                     return
+                finally:
+                    job.times["encode"] += time.perf_counter() - started
         self.server.reply(job.owner, pack("result", [data], **fields))
 
     def image_failed(self, job: Job, image: ImageWork, code: str, message: str) -> None:

@@ -66,7 +66,8 @@ def test_submit_raw_pixels_frame_by_frame(dealer):
             assert np.array_equal(out, cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY))
         if header["type"] == "done":
             assert header["state"] == "done" and header["ok"] == 1 and header["failed"] == 0
-            assert {"queue", "decode", "compute", "total", "ranks"} <= set(header["stats"])
+            stages = {"queue", "decode", "split", "send", "compute", "receive", "merge", "encode"}
+            assert stages | {"total", "ranks"} <= set(header["stats"])
             break
     assert "progress" in seen and "result" in seen
 
