@@ -338,3 +338,40 @@ def test_curve_allows_known_clients_and_refuses_others(tmp_path):
         with Client(cluster.address, timeout=2) as plain:
             with pytest.raises(ServerTimeout):
                 plain.info()
+
+
+def test_cli_submit_streams_a_folder_through_a_bounded_window(cluster3, tmp_path):
+    good = write_images(tmp_path / "in", 30, size=(40, 50), suffix=".jpg")
+    (tmp_path / "in" / "zero.jpg").write_bytes(b"")
+    stats = tmp_path / "stats.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpi_imgproc.cli",
+        "submit",
+        "--server",
+        cluster3.address,
+        str(tmp_path / "in"),
+        "-o",
+        str(tmp_path / "out"),
+        "--op",
+        "invert",
+        "--chunk",
+        "4",
+        "--window",
+        "2",
+        "--quiet",
+        "--stats-json",
+        str(stats),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1
+    assert "zero.jpg: empty file" in result.stderr
+    assert "30 of 31 images written" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in good)
+    recorded = __import__("json").loads(stats.read_text())
+    assert len(recorded["jobs"]) == 8 and recorded["paths"] == {"whole": 30}
+    ours = cv2.imread(str(tmp_path / "out" / good[0].name), cv2.IMREAD_UNCHANGED)
+    source = cv2.imread(str(good[0]), cv2.IMREAD_UNCHANGED)
+    expected = cv2.imdecode(cv2.imencode(".jpg", 255 - source)[1], cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(ours, expected)
