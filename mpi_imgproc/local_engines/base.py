@@ -42,11 +42,15 @@ class Engine:
         self.workers = workers or default_workers()
         cv2.setNumThreads(1)
 
+    def process(self, stage: Stage, piece: np.ndarray, margins: Box) -> np.ndarray:
+        """One tile: run ``stage`` on its region and crop the halo (engines may override)."""
+        return process_tile(stage, piece, margins)
+
     def run(
         self, stage: Stage, pieces: Sequence[np.ndarray], margins: Sequence[Box]
     ) -> list[np.ndarray]:
         """Process each piece (a tile region) with ``stage``; results in the same order."""
-        return self.map(lambda i: process_tile(stage, pieces[i], margins[i]), range(len(pieces)))
+        return self.map(lambda i: self.process(stage, pieces[i], margins[i]), range(len(pieces)))
 
     def run_into(
         self,
@@ -59,7 +63,7 @@ class Engine:
         merged output), so that merging happens on the engine's workers, not after them."""
 
         def one(i: int) -> None:
-            dests[i][...] = process_tile(stage, pieces[i], margins[i])
+            dests[i][...] = self.process(stage, pieces[i], margins[i])
 
         self.map(one, range(len(pieces)))
 

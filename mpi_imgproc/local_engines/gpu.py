@@ -379,12 +379,8 @@ class GpuEngine(Engine):
         super().__init__(1)
         self.device = _device_name()
 
-    def run(
-        self, stage: Stage, pieces: Sequence[np.ndarray], margins: Sequence[Box]
-    ) -> list[np.ndarray]:
-        return [self._run_piece(stage, p, m) for p, m in zip(pieces, margins)]
-
-    def _run_piece(self, stage: Stage, pixels: np.ndarray, margins: Box) -> np.ndarray:
+    def process(self, stage: Stage, pixels: np.ndarray, margins: Box) -> np.ndarray:
+        """One tile: on the device if any step of the stage has a kernel there."""
         if isinstance(stage, TiledStage) and _on_device(stage, pixels):
             return self._run_steps(stage.steps, pixels, margins)
         return process_tile(stage, pixels, margins)
