@@ -21,7 +21,6 @@ import json
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from .cli import add_pipeline_options, output_paths, pipeline_from_args
 from .errors import ImgprocError, describe
 from .imageio import FORMATS, encode, expand_inputs, write_atomic
 from .local_engines import ENGINES, get_engine
-from .mpi_transport import Backoff
+from .mpi_transport import Backoff, run_or_abort
 from .planner import DEFAULT_CUTOVER_S, ImageSource
 from .scheduler import ImageResult, ImageWork, Job, JobListener, Scheduler, output_format
 from .server import run_worker, workers_per_rank
@@ -235,25 +234,21 @@ def run_rank0(comm: MPI.Comm, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of every rank; any unhandled error aborts the whole MPI job."""
     comm = MPI.COMM_WORLD
-    try:
+
+    def body() -> int:
         args = parse_args(argv)
-        pipeline_from_args(args)  # every rank checks the ops, so a bad one ends all cleanly
+        try:
+            pipeline_from_args(args)  # every rank checks the ops, so a bad one ends all cleanly
+        except ImgprocError as exc:
+            if comm.Get_rank() == 0:
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 2
         if comm.Get_rank() == 0:
             return run_rank0(comm, args)
         run_worker(comm, args)
         return 0
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    except ImgprocError as exc:  # a bad op or pipeline: every rank parsed the same line
-        if comm.Get_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except BaseException:
-        print(f"rank {comm.Get_rank()}: fatal error, aborting the MPI job", file=sys.stderr)
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
-    return 1
+
+    return run_or_abort(comm, body)
 
 
 if __name__ == "__main__":

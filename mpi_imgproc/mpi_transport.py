@@ -11,7 +11,10 @@ one sender in order, so a header is always followed by its own pixels.
 from __future__ import annotations
 
 import json
+import sys
 import time
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -80,3 +83,22 @@ class Backoff:
         time.sleep(self.delay)
         warm = time.monotonic() - self.last_activity < self.warm_period
         self.delay = min(self.warm_ceiling if warm else self.ceiling, self.delay * 2)
+
+
+def run_or_abort(comm: MPI.Comm, body: Callable[[], int]) -> int:
+    """Run a rank's ``body``; an unhandled exception aborts the whole MPI job.
+
+    Without this, one rank's crash leaves the others waiting forever in a receive or in
+    ``MPI_Finalize``.  ``SystemExit`` (argparse's ``--help`` or usage errors) is not a crash:
+    every rank parses the same command line and exits alike.
+    """
+    try:
+        return body()
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    except BaseException:
+        print(f"rank {comm.Get_rank()}: fatal error, aborting the MPI job", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(1)
+        return 1

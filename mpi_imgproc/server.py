@@ -21,7 +21,6 @@ import signal
 import socket
 import sys
 import time
-import traceback
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,7 @@ from . import __version__
 from .errors import ImgprocError
 from .imageio import encode
 from .local_engines import ENGINES, default_workers, get_engine
-from .mpi_transport import Backoff
+from .mpi_transport import Backoff, run_or_abort
 from .pipeline import Pipeline
 from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, ImageSource
 from .protocol import (
@@ -499,20 +498,16 @@ def run_worker(comm: MPI.Comm, options: Options) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of every rank; any unhandled error aborts the whole MPI job."""
     comm = MPI.COMM_WORLD
-    try:
+
+    def body() -> int:
         options = parse_args(argv)
         if comm.Get_rank() == 0:
             run_rank0(comm, options)
         else:
             run_worker(comm, options)
-    except SystemExit as exc:  # argparse: every rank parses the same line and exits alike
-        return int(exc.code or 0)
-    except BaseException:
-        print(f"rank {comm.Get_rank()}: fatal error, aborting the MPI job", file=sys.stderr)
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
-    return 0
+        return 0
+
+    return run_or_abort(comm, body)
 
 
 if __name__ == "__main__":

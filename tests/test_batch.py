@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 from cluster import mpiexec
-from conftest import random_image
+from conftest import random_image, write_images
 
 from mpi_imgproc.pipeline import Pipeline
 
@@ -24,14 +24,7 @@ OPS = ["--op", "gaussian_blur:ksize=5", "--op", "resize:width=64,height=48,inter
 
 
 def make_folder(folder: Path, count: int, size: tuple[int, int] = (90, 120)) -> list[Path]:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"img{i:03d}.png"
-        cv2.imwrite(str(path), random_image(rng, *size))
-        paths.append(path)
-    return paths
+    return write_images(folder, count, size=size)
 
 
 def add_bad_files(folder: Path) -> dict[str, str]:
