@@ -1,8 +1,9 @@
 """The ``mpi-imgproc`` command line.
 
-Sub-commands: ``ops`` (list ops), ``run --local`` (the local reference), and the cluster
+Sub-commands: ``ops`` (list ops), ``run --local`` (the local reference), the cluster
 client commands of :mod:`mpi_imgproc.client_cli` (``submit``, ``status``, ``cancel``, ``info``,
-``keys``).
+``keys``), ``gen-dataset`` (:mod:`mpi_imgproc.dataset`) and ``verify``
+(:mod:`mpi_imgproc.verify`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .client_cli import add_client_commands
+from .dataset import add_dataset_command
 from .errors import ImgprocError, describe
 from .imageio import FORMATS, expand_inputs, output_path, read_image, write_image
 from .local_engines import ENGINES, get_engine
@@ -133,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     add_client_commands(sub)
+    from .verify import add_verify_command  # here: verify builds on this module's options
+
+    add_dataset_command(sub)
+    add_verify_command(sub)
     return parser
 
 
