@@ -90,7 +90,6 @@ class ImageWork:
     merger: Merger | None = None
     statistic: np.ndarray | None = None
     tiles_used: int = 0
-    started: bool = False
     started_at: float = 0.0
     finished: bool = False
 
@@ -133,6 +132,7 @@ class Job:
     ended: float | None = None
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMED_STAGES, 0.0))
     ranks: dict[int, dict[str, float]] = field(default_factory=dict)
+    next_image: int = 0  # images before this one have been started
 
     @property
     def active(self) -> bool:
@@ -298,14 +298,14 @@ class Scheduler:
         return None
 
     def _start_next_image(self, job: Job) -> None:
-        for image in job.images:
-            if not image.started:
-                image.started, image.started_at = True, time.perf_counter()
-                if job.started is None:
-                    job.started, job.state = time.perf_counter(), "running"
-                self._start_image(image)
-                if job.ready or not job.active:
-                    return
+        """Start images in order until one yields a task (a bad image yields none)."""
+        while job.next_image < len(job.images) and not job.ready and job.active:
+            image = job.images[job.next_image]
+            job.next_image += 1
+            image.started_at = time.perf_counter()
+            if job.started is None:
+                job.started, job.state = time.perf_counter(), "running"
+            self._start_image(image)
 
     # -- images and stages ----------------------------------------------------------------
 
