@@ -36,9 +36,24 @@ def make_dataset(folder: Path, count: int) -> list[Path]:
     files = sorted(folder.glob("*.jpg"))
     if len(files) != count:
         subprocess.run(
-            [sys.executable, "-m", "mpi_imgproc.cli", "gen-dataset", str(folder), "--count",
-             str(count), "--min-size", "300", "--max-size", "600", "--seed", "7"],
-            check=True, capture_output=True, timeout=600,
+            [
+                sys.executable,
+                "-m",
+                "mpi_imgproc.cli",
+                "gen-dataset",
+                str(folder),
+                "--count",
+                str(count),
+                "--min-size",
+                "300",
+                "--max-size",
+                "600",
+                "--seed",
+                "7",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
         )
         files = sorted(folder.glob("*.jpg"))
     return files
@@ -64,8 +79,20 @@ def run_timed(cmd: list[str], timeout: float = 1200) -> float:
 
 def batch_mode(folder: Path, out: Path, ranks: int, shared_fs: bool) -> tuple[float, float]:
     """Wall seconds, and the batch's own images/s from its summary."""
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi_imgproc.batch",
-           "--input", str(folder), "--output", str(out), "--op", OP]
+    cmd = [
+        mpiexec(),
+        "-n",
+        str(ranks),
+        sys.executable,
+        "-m",
+        "mpi_imgproc.batch",
+        "--input",
+        str(folder),
+        "--output",
+        str(out),
+        "--op",
+        OP,
+    ]
     wall = run_timed(cmd + (["--shared-fs"] if shared_fs else []))
     summary = json.loads((out / "batch-summary.json").read_text())
     return wall, summary["images_per_s"]
@@ -74,8 +101,22 @@ def batch_mode(folder: Path, out: Path, ranks: int, shared_fs: bool) -> tuple[fl
 def server_mode(folder: Path, out: Path, ranks: int) -> float:
     """Wall seconds of ``mpi-imgproc submit`` against a running server (start-up excluded)."""
     with running_cluster(ranks) as cluster:
-        cmd = [sys.executable, "-m", "mpi_imgproc.cli", "submit", str(folder), "-o", str(out),
-               "--op", OP, "--server", cluster.address, "--quiet", "--timeout", "300"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mpi_imgproc.cli",
+            "submit",
+            str(folder),
+            "-o",
+            str(out),
+            "--op",
+            OP,
+            "--server",
+            cluster.address,
+            "--quiet",
+            "--timeout",
+            "300",
+        ]
         return run_timed(cmd)
 
 
@@ -118,8 +159,9 @@ def main() -> None:
             "batch_over_loop": round(loop / batch, 2),
             "shared_fs_over_loop": round(loop / shared, 2),
             "server_over_batch": round(batch / server, 2),
-            "mismatches": {k: mismatches(files, outs["loop"], outs[k]) for k in
-                           ("batch", "shared", "server")},
+            "mismatches": {
+                k: mismatches(files, outs["loop"], outs[k]) for k in ("batch", "shared", "server")
+            },
         }
     print(json.dumps(results, indent=2))
     if args.json:
