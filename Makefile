@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-mpi lint format bench clean
+.PHONY: install test test-mpi lint format bench bench-quick clean
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ format:
 
 bench:
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/bench_engines.py
+
+# The whole measurement flow in under a minute: CSV, JSON, plots and report in bench-out/quick.
+bench-quick:
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mpi-imgproc bench --quick --out bench-out/quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

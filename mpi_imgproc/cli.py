@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .bench import add_bench_command
 from .client_cli import add_client_commands
 from .dataset import add_dataset_command
 from .errors import ImgprocError, describe
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     add_client_commands(sub)
+    add_bench_command(sub)
     from .verify import add_verify_command  # here: verify builds on this module's options
 
     add_dataset_command(sub)
