@@ -16,13 +16,15 @@ A raw-pixel image whose compute estimate is below both its transfer estimate and
 runs *inline* on rank 0, where its pixels already are: moving them to a worker and back would
 cost more than the work (this is what keeps a small grayscale job's round trip short).
 
-``--tile N`` forces tiles of N, ``--tile 0`` forces whole images.
+The strip height of a tiled image comes from the tile model of ``mpi-imgproc bench
+--recommend`` (:func:`mpi_imgproc.metrics.recommend_tile`): per-task and per-byte costs on
+rank 0 against the workers' compute.  ``--tile N`` forces tiles of N, ``--tile 0`` forces whole
+images.
 """
 
 from __future__ import annotations
 
 import io
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,29 +34,35 @@ import numpy as np
 from PIL import Image
 
 from .imageio import decode
+from .metrics import TiledWork, recommend_tile
 from .pipeline import Pipeline
 
 DEFAULT_CUTOVER_S = 0.03
 DEFAULT_INLINE_S = 0.01
 TRANSFER_NS_PER_BYTE = 0.5
-STRIPS_PER_WORKER = 3
 
 _MODE_CHANNELS = {"L": 1, "I;16": 1, "I;16B": 1, "I": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 4}
 
 
 def op_cost_ns(name: str, params: Mapping[str, Any]) -> float:
-    """Rough single-core cost of one op, in nanoseconds per pixel and channel."""
+    """Rough single-core cost of one op, in nanoseconds per pixel and channel.
+
+    Measured with ``mpi-imgproc bench`` on one core of the development machine (see
+    docs/benchmarks.md); only the ratio to the transfer cost and the cut-over matter.
+    """
     k = params.get("ksize", 3) or 3
     if name == "gaussian_blur":
-        return 0.15 * k
+        return 0.11 * k
     if name == "median_blur":
-        return 0.3 * min(k, 9)
+        return 5.0 * k
     if name == "bilateral":
-        return 0.4 * max(3, params["d"]) ** 2
+        return 0.22 * max(3, params["d"]) ** 2
     if name in ("erode", "dilate"):
         return 0.1 * k * params["iterations"]
-    if name in ("sobel", "laplacian", "sharpen", "box_blur"):
-        return 1.5
+    if name in ("sobel", "laplacian", "sharpen"):
+        return 15.0  # OpenCV derivatives, then abs, sum and round in float64
+    if name == "box_blur":
+        return 6.0
     if name == "canny":
         return 4.0
     if name in ("resize", "otsu_threshold", "equalize_hist"):
@@ -146,11 +154,15 @@ def plan_image(
         return Plan("whole", reason=f"{why}, below the cut-over of {cutover_s * 1e3:g} ms")
     if source.pixels is None and compute < 4 * transfer:  # tiles would need decoding here
         return Plan("whole", reason=f"{why}, under 4x the transfer ({transfer * 1e3:.1f} ms)")
-    rows = max(16, math.ceil(shape[0] / (STRIPS_PER_WORKER * workers)))
+    cost = sum(op_cost_ns(s.op.name, s.params) for s in pipeline.steps)
+    work = TiledWork(shape[0], shape[1], cost, shape[2], shape[3], pipeline.halo, full_rows=True)
+    choice = recommend_tile(work, workers, workers)
+    if choice.tile == 0:
+        return Plan("whole", reason=f"{why}; the tile model predicts one task is fastest")
     return Plan(
         "tiled",
-        rows,
+        choice.tile,
         strips=True,
-        reason=f"{megapixels:.2f} MP, est. compute {compute * 1e3:.0f} ms against transfer "
-        f"{transfer * 1e3:.0f} ms: strips of {rows} rows",
+        reason=f"{why}: strips of {choice.tile} rows, predicted {choice.predicted_s * 1e3:.0f} ms "
+        f"against {choice.whole_s * 1e3:.0f} ms whole",
     )

@@ -375,3 +375,18 @@ def test_cli_submit_streams_a_folder_through_a_bounded_window(cluster3, tmp_path
     source = cv2.imread(str(good[0]), cv2.IMREAD_UNCHANGED)
     expected = cv2.imdecode(cv2.imencode(".jpg", 255 - source)[1], cv2.IMREAD_UNCHANGED)
     assert np.array_equal(ours, expected)
+
+
+@pytest.mark.parametrize("engine", ["sequential", "processes"])
+def test_other_engines_serve_exactly_inside_mpi_ranks(engine):
+    """The processes engine starts helper processes inside an MPI rank: they must not try to
+    join the MPI job."""
+    image = random_image(np.random.default_rng(13), 120, 90, 3)
+    specs = ["median_blur:ksize=5", "sharpen"]
+    args = ("--engine", engine, "--workers-per-rank", "2")
+    with running_cluster(2, *args) as cluster, Client(cluster.address) as client:
+        result = client.submit([image, image[:40]], specs, tile=32).result(timeout=60)
+        info = client.info()
+    assert result.ok and info["engines"][0]["engine"] == engine
+    for out, src in zip(result.images, [image, image[:40]]):
+        assert np.array_equal(out, Pipeline.parse(specs).apply(src))

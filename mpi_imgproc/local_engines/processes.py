@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -140,6 +141,10 @@ class ProcessEngine(Engine):
 
     def __init__(self, workers: int | None = None):
         super().__init__(workers)
+        # The children (and the fork server) import the parent's main module; under
+        # ``python -m mpi_imgproc.server`` that imports mpi4py, which must not initialise MPI
+        # in a process mpiexec did not start.  mpi4py reads this when it is first imported.
+        os.environ["MPI4PY_RC_INITIALIZE"] = "0"
         methods = mp.get_all_start_methods()
         self._context = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         self._pool = self._new_pool()
