@@ -2,8 +2,8 @@
 
 Sub-commands: ``ops`` (list ops), ``run --local`` (the local reference), the cluster
 client commands of :mod:`mpi_imgproc.client_cli` (``submit``, ``status``, ``cancel``, ``info``,
-``keys``), ``gen-dataset`` (:mod:`mpi_imgproc.dataset`) and ``verify``
-(:mod:`mpi_imgproc.verify`).
+``keys``), ``gen-dataset`` (:mod:`mpi_imgproc.dataset`), ``verify``
+(:mod:`mpi_imgproc.verify`) and ``bench`` (:mod:`mpi_imgproc.bench`).
 """
 
 from __future__ import annotations
