@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import time
 
 import numpy as np
@@ -115,6 +116,7 @@ class LocalBackend(Backend):
     """Rank 0 alone: run each task at once with a local engine (``mpiexec -n 1``)."""
 
     workers = 1
+    synchronous = True  # submit() does the work: no transfer to time
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -127,7 +129,7 @@ class LocalBackend(Backend):
         return len(self.done)
 
     def submit(self, task: Task) -> None:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         fields: dict = {}
         try:
             if task.tile is None:
@@ -138,10 +140,9 @@ class LocalBackend(Backend):
             error = None
         except Exception as exc:  # noqa: BLE001 - reported as this task's error
             result, error = None, (error_code(exc), describe(exc))
-        busy = time.perf_counter() - started
-        self.done.append(
-            Completion(task.id, result, error, 0, busy, time.process_time(), fields=fields)
-        )
+        busy, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.done.append(Completion(task.id, result, error, 0, busy, cpu, maxrss, fields))
 
     def poll(self) -> list[Completion]:
         done, self.done = self.done, []

@@ -318,12 +318,9 @@ def stage_parts(row: Row) -> dict[str, float]:
 
     Rank 0 sends and receives while workers compute, so the parts can add up to more than the
     wall time; the server's time not in any stage is ``other_s`` and the client's share (wall
-    time minus the server's total) is ``client_s``.  Alone (``-n 1``), rank 0's "send" runs
-    the task itself, so the compute is taken out of it rather than counted twice.
+    time minus the server's total) is ``client_s``.
     """
     parts = {key: row.get(key) or 0.0 for key, _ in BREAKDOWN[:-2]}
-    if row.get("ranks") == 1:
-        parts["send_s"] = max(0.0, parts["send_s"] - (row.get("compute_s") or 0.0))
     total = row.get("server_total_s") or 0.0
     parts["other_s"] = max(0.0, total - sum(parts.values()))
     parts["client_s"] = max(0.0, row["median_s"] - total)

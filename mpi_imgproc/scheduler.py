@@ -133,6 +133,7 @@ class Job:
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMED_STAGES, 0.0))
     ranks: dict[int, dict[str, float]] = field(default_factory=dict)
     next_image: int = 0  # images before this one have been started
+    paths: dict[str, int] = field(default_factory=dict)  # images done, by path taken
 
     @property
     def active(self) -> bool:
@@ -157,6 +158,7 @@ class Job:
             "queue": round(start - self.submitted, 6),
             **{k: round(v, 6) for k, v in self.times.items()},
             "total": round(end - self.submitted, 6),
+            "paths": dict(self.paths),
             "ranks": {
                 str(r): {k: round(v, 6) for k, v in s.items()} for r, s in self.ranks.items()
             },
@@ -183,6 +185,7 @@ class Backend:
     """Where tasks run: worker ranks over MPI, or a local engine on rank 0."""
 
     workers = 1
+    synchronous = False  # True: submit() runs the task itself
 
     # Set by the scheduler: where to receive a task's result (header -> array or None).
     destination: Callable[[dict[str, Any]], np.ndarray | None] | None = None
@@ -276,7 +279,8 @@ class Scheduler:
             task.sent_at = time.perf_counter()
             self.running[task.id] = task
             self.backend.submit(task)
-            task.image.job.times["send"] += time.perf_counter() - task.sent_at
+            if not self.backend.synchronous:
+                task.image.job.times["send"] += time.perf_counter() - task.sent_at
             progressed = True
         return progressed
 
@@ -420,8 +424,8 @@ class Scheduler:
             done.result.nbytes if done.result is not None else 0
         )
         rank["bytes"] += moved
-        rank["cpu_s"] = done.cpu
-        rank["maxrss_mb"] = done.maxrss_kb / 1024
+        rank["cpu_s"] = rank.get("cpu_s", 0.0) + done.cpu
+        rank["maxrss_mb"] = max(rank.get("maxrss_mb", 0.0), done.maxrss_kb / 1024)
         job.times["compute"] += done.busy
         job.times["receive"] += done.received_s
         job.times["decode"] += done.fields.pop("decode_s", 0.0)
@@ -479,6 +483,7 @@ class Scheduler:
     def _image_done(self, image: ImageWork, result: ImageResult) -> None:
         job = image.job
         image.finished = True
+        job.paths[image.path] = job.paths.get(image.path, 0) + 1
         job.ok += 1
         job.images_done += 1
         job.listener.image_done(job, image, result)

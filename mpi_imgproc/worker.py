@@ -83,7 +83,7 @@ def _run_images(engine: Engine, tasks: list[Task]) -> list[Any]:
 Sending = tuple[list[MPI.Request], tuple[Any, ...]]  # requests, and the buffers they use
 
 
-def _send_result(comm: MPI.Comm, task_id: int, result: Any, busy: float) -> Sending:
+def _send_result(comm: MPI.Comm, task_id: int, result: Any, busy: float, cpu: float) -> Sending:
     """Start sending a result header (with timings) and, if there is one, its buffer.
 
     Non-blocking: a blocking send would spin (MPICH polls) until rank 0 receives; instead the
@@ -92,7 +92,7 @@ def _send_result(comm: MPI.Comm, task_id: int, result: Any, busy: float) -> Send
     header: dict[str, Any] = {
         "task": task_id,
         "busy": busy,
-        "cpu": time.process_time(),
+        "cpu": cpu,
         "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }
     buffer, fields = result if isinstance(result, tuple) else (result, {})
@@ -131,13 +131,14 @@ def serve(comm: MPI.Comm, engine: Engine) -> None:
         for task in tasks:
             batches[task[0].get("stage", "image")].append(task)
         for key, batch in batches.items():
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             if key == "image":
                 results = _run_images(engine, batch)
             else:
                 results = _run_batch(engine, key, batch)
             busy = (time.perf_counter() - started) / len(batch)
+            cpu = (time.process_time() - cpu_started) / len(batch)
             for (header, _), result in zip(batch, results):
-                sending.append(_send_result(comm, header["task"], result, busy))
+                sending.append(_send_result(comm, header["task"], result, busy, cpu))
     MPI.Request.Waitall([r for requests, _ in sending for r in requests])
     comm.Send([encode_header({}), MPI.BYTE], dest=0, tag=TAG_BYE)
