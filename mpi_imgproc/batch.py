@@ -30,11 +30,10 @@ from mpi4py import MPI
 from .cli import add_pipeline_options, output_paths, pipeline_from_args
 from .errors import ImgprocError, describe
 from .imageio import FORMATS, encode, expand_inputs, write_atomic
-from .local_engines import ENGINES, get_engine
 from .mpi_transport import Backoff, run_or_abort
-from .planner import DEFAULT_CUTOVER_S, ImageSource
+from .planner import ImageSource
 from .scheduler import ImageResult, ImageWork, Job, JobListener, Scheduler, output_format
-from .server import run_worker, workers_per_rank
+from .server import add_cluster_options, make_backend, run_worker
 
 DRAIN_SECONDS = 12.0  # after SIGTERM: time for images in flight to finish
 STOP_SECONDS = 6.0  # then: time for the workers to leave
@@ -52,22 +51,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output folder")
     add_pipeline_options(parser)
     parser.add_argument("--format", choices=FORMATS, default="same", help="output format")
-    parser.add_argument("--tile", default="auto", help="tile size, 0 (whole images) or auto")
     parser.add_argument("--shared-fs", action="store_true", help="workers do their own I/O")
     parser.add_argument("--resume", action="store_true", help="skip images already written")
     parser.add_argument("--summary", help="summary JSON (default OUTPUT/batch-summary.json)")
-    parser.add_argument("--engine", choices=ENGINES, default="threads", help="engine per rank")
-    parser.add_argument("--workers-per-rank", type=int, default=None, help="engine workers")
-    parser.add_argument("--in-flight", type=int, default=None, help="tasks in flight per worker")
-    parser.add_argument(
-        "--cutover-ms",
-        type=float,
-        default=DEFAULT_CUTOVER_S * 1e3,
-        help="with --tile auto: images estimated below this go to a worker whole",
-    )
-    args = parser.parse_args(argv)
-    args.tile = "auto" if args.tile == "auto" else int(args.tile)
-    return args
+    add_cluster_options(parser)
+    return parser.parse_args(argv)
 
 
 class BatchRecorder(JobListener):
@@ -183,22 +171,14 @@ def summarise(
 
 def run_rank0(comm: MPI.Comm, args: argparse.Namespace) -> int:
     """List the work, run it over the workers, write the summary; exit code 1 if not all ok."""
-    from .backends import LocalBackend, MPIBackend
-
     stop = Interrupted()
-    per_rank = workers_per_rank(comm, args)
-    comm.gather(MPI.Get_processor_name(), root=0)
-    comm.gather(None, root=0)
+    backend, per_rank, _, _ = make_backend(comm, args)
     all_files = expand_inputs(args.input)
     all_targets = output_paths(all_files, args.output, args.format)
     skipped = [(f, t) for f, t in zip(all_files, all_targets) if args.resume and t.exists()]
     done = {f for f, _ in skipped}
     files = [f for f in all_files if f not in done]
     targets = [t for f, t in zip(all_files, all_targets) if f not in done]
-    if comm.Get_size() == 1:
-        backend: Any = LocalBackend(get_engine(args.engine, per_rank))
-    else:
-        backend = MPIBackend(comm, args.in_flight or per_rank + 1)
     scheduler = Scheduler(backend, cutover_s=args.cutover_ms / 1e3)
     job = make_job(args, files, targets)
     print(

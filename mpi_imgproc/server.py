@@ -49,7 +49,15 @@ from .protocol import (
     raw_fields,
     unpack,
 )
-from .scheduler import ImageResult, ImageWork, Job, JobListener, Scheduler, output_format
+from .scheduler import (
+    Backend,
+    ImageResult,
+    ImageWork,
+    Job,
+    JobListener,
+    Scheduler,
+    output_format,
+)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 PROGRESS_INTERVAL = 0.05  # seconds between progress messages of one job
@@ -78,21 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         description="Serve image jobs on rank 0 and process their tiles on every other rank.",
     )
     parser.add_argument("--bind", default=DEFAULT_BIND, help="ZeroMQ endpoint (port * = any)")
-    parser.add_argument("--engine", choices=ENGINES, default="threads", help="engine per rank")
-    parser.add_argument(
-        "--workers-per-rank",
-        type=int,
-        default=None,
-        help="engine workers per rank (default: this node's cores / its worker ranks)",
-    )
-    parser.add_argument("--tile", type=_tile_arg, default="auto", help="tile size, 0 or auto")
-    parser.add_argument("--in-flight", type=int, default=None, help="tasks in flight per worker")
-    parser.add_argument(
-        "--cutover-ms",
-        type=float,
-        default=DEFAULT_CUTOVER_S * 1e3,
-        help="with --tile auto: images estimated to take less compute go to a worker whole",
-    )
+    add_cluster_options(parser)
     parser.add_argument(
         "--inline-ms",
         type=float,
@@ -109,6 +103,40 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="seconds of client silence before its jobs are cancelled",
     )
     return parser.parse_args(argv, namespace=Options())
+
+
+def add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the server and batch mode: engine, workers, tiling and scheduling."""
+    parser.add_argument("--engine", choices=ENGINES, default="threads", help="engine per rank")
+    parser.add_argument(
+        "--workers-per-rank",
+        type=int,
+        default=None,
+        help="engine workers per rank (default: this node's cores / its worker ranks)",
+    )
+    parser.add_argument("--tile", type=_tile_arg, default="auto", help="tile size, 0 or auto")
+    parser.add_argument("--in-flight", type=int, default=None, help="tasks in flight per worker")
+    parser.add_argument(
+        "--cutover-ms",
+        type=float,
+        default=DEFAULT_CUTOVER_S * 1e3,
+        help="with --tile auto: images estimated to take less compute go to a worker whole",
+    )
+
+
+def make_backend(comm: MPI.Comm, options: argparse.Namespace) -> tuple[Backend, int, list, list]:
+    """Rank 0's backend (the worker ranks, or a local engine when alone), the engine workers
+    per rank, every rank's host name and the workers' engine descriptions.  Collective: the
+    workers call :func:`run_worker` at the same time."""
+    from .backends import LocalBackend, MPIBackend
+
+    per_rank = workers_per_rank(comm, options)
+    hosts = comm.gather(MPI.Get_processor_name(), root=0)
+    engines = comm.gather(None, root=0)[1:]
+    if comm.Get_size() == 1:
+        local = LocalBackend(get_engine(options.engine, per_rank))
+        return local, per_rank, hosts, [local.engine.describe()]
+    return MPIBackend(comm, options.in_flight or per_rank + 1), per_rank, hosts, engines
 
 
 def _tile_arg(text: str) -> int | str:
@@ -425,17 +453,10 @@ def bind_socket(ctx: zmq.Context, options: Options) -> tuple[zmq.Socket, Any]:
 
 def run_rank0(comm: MPI.Comm, options: Options) -> None:
     """Set up the backend and the socket, announce, serve."""
-    from .backends import LocalBackend, MPIBackend
+    from .backends import LocalBackend
 
     size = comm.Get_size()
-    per_rank = workers_per_rank(comm, options)
-    hosts = comm.gather(MPI.Get_processor_name(), root=0)
-    engines = comm.gather(None, root=0)[1:]
-    if size == 1:
-        backend = LocalBackend(get_engine(options.engine, per_rank))
-        engines = [backend.engine.describe()]
-    else:
-        backend = MPIBackend(comm, options.in_flight or per_rank + 1)
+    backend, per_rank, hosts, engines = make_backend(comm, options)
     ctx = zmq.Context()
     sock, auth = bind_socket(ctx, options)
     address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
