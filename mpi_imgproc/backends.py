@@ -46,9 +46,6 @@ class MPIBackend(Backend):
     def free_slots(self) -> int:
         return sum(self.per_worker - n for n in self.load.values())
 
-    def in_flight(self) -> int:
-        return sum(self.load.values())
-
     def submit(self, task: Task) -> None:
         rank = min(self.load, key=self.load.__getitem__)
         fields = {"task": task.id, **task.header}
@@ -109,7 +106,9 @@ class MPIBackend(Backend):
         if left:
             print(f"workers {sorted(left)} did not stop in time; aborting", flush=True)
             self.comm.Abort(1)
-        MPI.Request.Waitall(requests)
+        # Every worker has received all it was sent before its goodbye: these complete now.
+        MPI.Request.Waitall(requests + [r for reqs, _ in self.sending for r in reqs])
+        self.sending.clear()
 
 
 class LocalBackend(Backend):
@@ -124,9 +123,6 @@ class LocalBackend(Backend):
 
     def free_slots(self) -> int:
         return 0 if self.done else 1
-
-    def in_flight(self) -> int:
-        return len(self.done)
 
     def submit(self, task: Task) -> None:
         started, cpu_started = time.perf_counter(), time.process_time()

@@ -35,6 +35,7 @@ from .planner import ImageSource
 from .scheduler import ImageResult, ImageWork, Job, JobListener, Scheduler, output_format
 from .server import add_cluster_options, make_backend, run_worker
 
+Work = tuple[list[str], list[str], list[Path], list[tuple[str, Path]]]
 DRAIN_SECONDS = 12.0  # after SIGTERM: time for images in flight to finish
 STOP_SECONDS = 6.0  # then: time for the workers to leave
 
@@ -77,7 +78,7 @@ class BatchRecorder(JobListener):
             **fields,
         }
 
-    def image_done(self, job: Job, image: ImageWork, result: ImageResult) -> None:
+    def image_done(self, job: Job, image: ImageWork, result: ImageResult) -> bool:
         target = self.targets[image.index]
         try:
             if result.written is None:
@@ -87,8 +88,9 @@ class BatchRecorder(JobListener):
                 write_atomic(target, bytes(data))
         except Exception as exc:  # noqa: BLE001 - an unwritable output fails that image only
             self._record(image, "failed", error=describe(exc))
-            return
+            return False
         self._record(image, "ok")
+        return True
 
     def image_failed(self, job: Job, image: ImageWork, code: str, message: str) -> None:
         self._record(image, "failed", error=message, code=code)
@@ -169,16 +171,26 @@ def summarise(
     }
 
 
-def run_rank0(comm: MPI.Comm, args: argparse.Namespace) -> int:
-    """List the work, run it over the workers, write the summary; exit code 1 if not all ok."""
-    stop = Interrupted()
-    backend, per_rank, _, _ = make_backend(comm, args)
+def list_work(args: argparse.Namespace) -> Work:
+    """The input files, those still to do with their outputs, and those skipped (``--resume``).
+
+    Raises ImgprocError when nothing matches or two inputs would write the same output.
+    """
     all_files = expand_inputs(args.input)
+    if not all_files:
+        raise ImgprocError(f"no input files in {', '.join(args.input)}")
     all_targets = output_paths(all_files, args.output, args.format)
     skipped = [(f, t) for f, t in zip(all_files, all_targets) if args.resume and t.exists()]
     done = {f for f, _ in skipped}
-    files = [f for f in all_files if f not in done]
-    targets = [t for f, t in zip(all_files, all_targets) if f not in done]
+    todo = [(f, t) for f, t in zip(all_files, all_targets) if f not in done]
+    return all_files, [f for f, _ in todo], [t for _, t in todo], skipped
+
+
+def run_rank0(comm: MPI.Comm, args: argparse.Namespace, work: Work) -> int:
+    """List the work, run it over the workers, write the summary; exit code 1 if not all ok."""
+    stop = Interrupted()
+    backend, per_rank, _, _ = make_backend(comm, args)
+    all_files, files, targets, skipped = work
     scheduler = Scheduler(backend, cutover_s=args.cutover_ms / 1e3)
     job = make_job(args, files, targets)
     print(
@@ -217,14 +229,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         args = parse_args(argv)
+        work, error = None, None
         try:
-            pipeline_from_args(args)  # every rank checks the ops, so a bad one ends all cleanly
-        except ImgprocError as exc:
+            pipeline_from_args(args)
             if comm.Get_rank() == 0:
-                print(f"error: {exc}", file=sys.stderr, flush=True)
+                work = list_work(args)
+        except ImgprocError as exc:
+            error = str(exc)
+        errors = [e for e in comm.allgather(error) if e]  # a mistake ends every rank cleanly
+        if errors:
+            if comm.Get_rank() == 0:
+                print(f"error: {errors[0]}", file=sys.stderr, flush=True)
             return 2
         if comm.Get_rank() == 0:
-            return run_rank0(comm, args)
+            return run_rank0(comm, args, work)
         run_worker(comm, args)
         return 0
 

@@ -97,6 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ImgprocError("run works in this process: add --local (or use `submit` for a server)")
     pipeline = pipeline_from_args(args)
     args.files = expand_inputs(args.files)
+    if not args.files:
+        raise ImgprocError("no input files (check the paths, folders or globs)")
     outputs = output_paths(args.files, args.output, args.format)
     failed = 0
     started = time.perf_counter()
@@ -154,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `mpi-imgproc ops | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -90,13 +90,13 @@ class Job:
         self.names = names
         self.queue: deque[Event] = deque()
         self.done = False
-        self.images: list[np.ndarray | None] = [None] * len(names)
+        self.results: list[Event | None] = [None] * len(names)  # decoded only when asked
         self.errors: dict[int, tuple[str, str]] = {}
         self.final: Event | None = None
 
     def _record(self, event: Event) -> None:
         if event.type == "result":
-            self.images[event.header["index"]] = event.image()
+            self.results[event.header["index"]] = event
         elif event.type == "image_error":
             self.errors[event.header["index"]] = (event.header["code"], event.header["message"])
         elif event.type == "done":
@@ -127,7 +127,12 @@ class Job:
         assert self.final is not None
         h = self.final.header
         return JobResult(
-            self.id, h["state"], self.images, self.errors, h.get("stats", {}), h.get("message")
+            self.id,
+            h["state"],
+            [e.image() if e is not None else None for e in self.results],
+            self.errors,
+            h.get("stats", {}),
+            h.get("message"),
         )
 
     def cancel(self) -> dict[str, Any]:
@@ -140,22 +145,35 @@ class Job:
 
 
 class Client:
-    """A connection to one server.  ``curve_keys``: a folder from ``mpi-imgproc keys``."""
+    """A connection to one server.
+
+    ``curve_keys``: a folder from ``mpi-imgproc keys``.  ``timeout``: how long to wait for a
+    direct reply.  ``heartbeat``: the longest silence towards the server; keep it under a third
+    of the server's ``--client-timeout`` (``info`` reports it).
+    """
 
     def __init__(
         self,
         address: str = DEFAULT_ADDRESS,
         curve_keys: str | Path | None = None,
         timeout: float = 30.0,
+        heartbeat: float = HEARTBEAT_INTERVAL,
     ):
         self.address = address
         self.timeout = timeout
+        self.heartbeat = heartbeat
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         if curve_keys:
             _configure_curve(self.sock, Path(curve_keys))
-        self.sock.connect(address)
+        try:
+            self.sock.connect(address)
+        except zmq.ZMQError as exc:
+            self.sock.close()
+            raise ImgprocError(
+                f"invalid server address {address!r} ({exc}); expected e.g. tcp://127.0.0.1:5555"
+            ) from None
         self.jobs: dict[str, Job] = {}
         self.replies: dict[str, tuple[dict, list]] = {}
         self._ids = itertools.count(1)
@@ -233,7 +251,10 @@ class Client:
         while req not in self.replies:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ServerTimeout(f"no reply from {self.address} within {self.timeout:g} s")
+                raise ServerTimeout(
+                    f"no reply from {self.address} within {self.timeout:g} s "
+                    "(is the server running at that address?)"
+                )
             self._pump(left)
         header, data = self.replies.pop(req)
         if header["type"] == "error":
@@ -255,22 +276,30 @@ class Client:
 
     # -- the receive side ---------------------------------------------------------------
 
+    def _heartbeat(self) -> None:
+        """Tell the server we are still here, at least every ``heartbeat`` seconds —
+        also while messages keep arriving, since the server hears only what we send."""
+        if time.monotonic() - self._last_sent >= self.heartbeat:
+            self.sock.send_multipart(pack("heartbeat"))
+            self._last_sent = time.monotonic()
+
     def _pump(self, timeout: float | None) -> None:
         """Receive one message (waiting at most ``timeout``) and route it; heartbeat meanwhile."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._heartbeat()
             wait = (
-                HEARTBEAT_INTERVAL
+                self.heartbeat
                 if deadline is None
-                else min(HEARTBEAT_INTERVAL, max(0.0, deadline - time.monotonic()))
+                else min(self.heartbeat, max(0.0, deadline - time.monotonic()))
             )
             if self.sock.poll(int(wait * 1000), zmq.POLLIN):
                 break
             if deadline is not None and time.monotonic() >= deadline:
-                raise ServerTimeout(f"no message from {self.address} within {timeout} s")
-            if time.monotonic() - self._last_sent >= HEARTBEAT_INTERVAL:
-                self.sock.send_multipart(pack("heartbeat"))
-                self._last_sent = time.monotonic()
+                raise ServerTimeout(
+                    f"no message from {self.address} within {timeout:g} s "
+                    "(is the server running at that address?)"
+                )
         header, data = unpack(self.sock.recv_multipart(copy=False))
         data = [f.buffer for f in data]
         job = self.jobs.get(header.get("job")) if header["type"] in _JOB_EVENTS else None

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .client import DEFAULT_ADDRESS, Client, Event
+from .client import DEFAULT_ADDRESS, Client, Event, ServerError, ServerTimeout
 from .errors import ImgprocError, describe
 from .imageio import encode, expand_inputs, write_atomic
 from .pipeline import Pipeline
+from .protocol import tile_arg
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -43,43 +45,62 @@ class BatchSubmission:
         self.files: list[str] = args.files
         self.targets = output_paths(self.files, args.output, args.format)
         self.failed: list[str] = []
+        self.written = 0
         self.paths: dict[str, int] = {}
         self.stats: list[dict] = []
-        self.offsets: dict[str, int] = {}  # job id -> index of its first file
-        self.bar = tqdm(total=len(self.files), unit="img", disable=args.quiet)
+        self.jobs: dict[str, list[int]] = {}  # job id -> indices of its files
+        self.stopped: str | None = None  # why no more chunks are submitted
+        self.bar = tqdm(total=len(self.files), unit="img", disable=args.quiet, leave=False)
 
     def run(self) -> None:
-        """Submit chunks while the window has room; handle events until every file is done."""
+        """Submit chunks while the window has room; handle events until every job is done.
+
+        A job that ends cancelled or failed (the server shutting down, say) stops further
+        submissions; so does a server that stops answering.
+        """
         chunk, window = max(1, self.args.chunk), max(1, self.args.window)
         starts = list(range(0, len(self.files), chunk))
-        while starts or self.offsets:
-            while starts and len(self.offsets) < window:
-                self._submit(starts.pop(0), chunk)
-            for job, event in self.client.poll_events(timeout=self.args.timeout):
-                self._handle(job.id, event)
-        self.bar.close()
+        try:
+            while (starts and not self.stopped) or self.jobs:
+                while starts and not self.stopped and len(self.jobs) < window:
+                    self._submit(starts.pop(0), chunk)
+                for job, event in self.client.poll_events(timeout=self.args.timeout):
+                    self._handle(job.id, event)
+        except (ServerError, ServerTimeout) as exc:
+            self.stopped = str(exc)
+        finally:
+            self.bar.close()
 
     def _submit(self, start: int, chunk: int) -> None:
-        files = self.files[start : start + chunk]
-        job = self.client.submit(files, self.pipeline, tile=self.args.tile, result=self.args.format)
-        self.offsets[job.id] = start
+        indices = []
+        for index in range(start, min(start + chunk, len(self.files))):
+            if os.access(self.files[index], os.R_OK) and os.path.isfile(self.files[index]):
+                indices.append(index)
+            else:
+                self.failed.append(f"{self.files[index]}: cannot read: no such readable file")
+                self.bar.update(1)
+        if indices:
+            files = [self.files[i] for i in indices]
+            fmt = self.args.format
+            job = self.client.submit(files, self.pipeline, tile=self.args.tile, result=fmt)
+            self.jobs[job.id] = indices
 
     def _handle(self, job_id: str, event: Event) -> None:
         header = event.header
         if event.type == "result":
-            self._write(self.offsets[job_id] + header["index"], event)
+            self._write(self.jobs[job_id][header["index"]], event)
             path = header.get("path", "whole")
             self.paths[path] = self.paths.get(path, 0) + 1
             self.bar.update(1)
         elif event.type == "image_error":
-            index = self.offsets[job_id] + header["index"]
+            index = self.jobs[job_id][header["index"]]
             self.failed.append(f"{self.files[index]}: {header['message']}")
             self.bar.update(1)
         elif event.type == "done":
-            del self.offsets[job_id]
+            del self.jobs[job_id]
             self.stats.append(header.get("stats", {}))
             if header["state"] != "done":
-                self.failed.append(f"job {job_id} {header['state']}: {header.get('message')}")
+                self.stopped = f"job {job_id} {header['state']}: {header.get('message')}"
 
     def _write(self, index: int, event: Event) -> None:
         target = self.targets[index]
@@ -89,6 +110,7 @@ class BatchSubmission:
             else:
                 data = bytes(event.frames[0])
             write_atomic(target, data)
+            self.written += 1
         except Exception as exc:  # noqa: BLE001 - one unwritable result must not stop the rest
             self.failed.append(f"{self.files[index]}: {describe(exc)}")
 
@@ -100,21 +122,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     pipeline = pipeline_from_args(args)
     args.files = expand_inputs(args.files)
     if not args.files:
-        raise ImgprocError("no input files (check the folder or glob)")
-    args.tile = "auto" if args.tile in (None, "auto") else int(args.tile)
+        raise ImgprocError("no input files (check the paths, folders or globs)")
     with _client(args) as client:
         batch = BatchSubmission(client, args, pipeline)
         batch.run()
     for line in batch.failed:
         print(f"error: {line}", file=sys.stderr)
+    if batch.stopped:
+        print(f"error: stopped early: {batch.stopped}", file=sys.stderr)
     stats = {"jobs": batch.stats, "paths": batch.paths}
     if args.stats:
         print(json.dumps(stats, indent=2))
     if args.stats_json:
         Path(args.stats_json).write_text(json.dumps(stats, indent=2))
-    written = len(args.files) - sum(1 for f in batch.failed if not f.startswith("job "))
-    print(f"{written} of {len(args.files)} images written to {args.output}")
-    return 1 if batch.failed else 0
+    print(f"{batch.written} of {len(args.files)} images written to {args.output}")
+    return 0 if batch.written == len(args.files) else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -165,7 +187,9 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     add_output_options(submit)
     add_pipeline_options(submit)
     add_server_options(submit)
-    submit.add_argument("--tile", default="auto", help="tile size in pixels, 0 (whole) or auto")
+    submit.add_argument(
+        "--tile", type=tile_arg, default="auto", help="tile size in pixels, 0 (whole) or auto"
+    )
     submit.add_argument("--stats", action="store_true", help="print the job's timings")
     submit.add_argument("--stats-json", metavar="FILE", help="save the job's timings as JSON")
     submit.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -6,6 +6,7 @@ the client and the tests share one definition.  Nothing here pickles.
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -157,3 +158,16 @@ def parse_result_encoding(value: Any) -> str:
 def raw_fields(image: np.ndarray) -> dict[str, Any]:
     """Header fields describing a raw-pixel frame."""
     return {"encoding": "raw", "shape": list(image.shape), "dtype": str(image.dtype)}
+
+
+def tile_arg(text: str) -> int | str:
+    """``--tile`` on the command line: ``auto`` or an integer >= 0 (0: whole images)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or >= 0, got {value}")
+    return value

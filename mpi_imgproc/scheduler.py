@@ -170,7 +170,9 @@ class JobListener:
 
     def progress(self, job: Job, image_finished: bool) -> None: ...
 
-    def image_done(self, job: Job, image: ImageWork, result: ImageResult) -> None: ...
+    def image_done(self, job: Job, image: ImageWork, result: ImageResult) -> bool | None:
+        """An image is finished; return False if it could not be delivered (encoded, written),
+        after reporting why, so that it counts as failed."""
 
     def image_failed(self, job: Job, image: ImageWork, code: str, message: str) -> None: ...
 
@@ -197,9 +199,6 @@ class Backend:
         raise NotImplementedError
 
     def poll(self) -> list[Completion]:
-        raise NotImplementedError
-
-    def in_flight(self) -> int:
         raise NotImplementedError
 
     def close(self, deadline: float) -> None:
@@ -483,10 +482,12 @@ class Scheduler:
     def _image_done(self, image: ImageWork, result: ImageResult) -> None:
         job = image.job
         image.finished = True
-        job.paths[image.path] = job.paths.get(image.path, 0) + 1
-        job.ok += 1
         job.images_done += 1
-        job.listener.image_done(job, image, result)
+        if job.listener.image_done(job, image, result) is False:
+            job.failed += 1  # the front could not deliver it (and has said why)
+        else:
+            job.ok += 1
+            job.paths[image.path] = job.paths.get(image.path, 0) + 1
         self._image_finished(job)
 
     def _fail_image(self, image: ImageWork, code: str, message: str) -> None:

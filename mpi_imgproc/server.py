@@ -47,6 +47,7 @@ from .protocol import (
     parse_result_encoding,
     parse_tile,
     raw_fields,
+    tile_arg,
     unpack,
 )
 from .scheduler import (
@@ -114,7 +115,7 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="engine workers per rank (default: this node's cores / its worker ranks)",
     )
-    parser.add_argument("--tile", type=_tile_arg, default="auto", help="tile size, 0 or auto")
+    parser.add_argument("--tile", type=tile_arg, default="auto", help="tile size, 0 or auto")
     parser.add_argument("--in-flight", type=int, default=None, help="tasks in flight per worker")
     parser.add_argument(
         "--cutover-ms",
@@ -137,15 +138,6 @@ def make_backend(comm: MPI.Comm, options: argparse.Namespace) -> tuple[Backend, 
         local = LocalBackend(get_engine(options.engine, per_rank))
         return local, per_rank, hosts, [local.engine.describe()]
     return MPIBackend(comm, options.in_flight or per_rank + 1), per_rank, hosts, engines
-
-
-def _tile_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("tile must be >= 0 or auto")
-    return value
 
 
 def workers_per_rank(comm: MPI.Comm, options: Options) -> int:
@@ -190,7 +182,7 @@ class ClientReplies(JobListener):
         fields.pop("state")
         self.server.reply(job.owner, pack("progress", **fields))
 
-    def image_done(self, job: Job, image: ImageWork, result: ImageResult) -> None:
+    def image_done(self, job: Job, image: ImageWork, result: ImageResult) -> bool:
         fields: dict[str, Any] = {"job": job.id, "index": image.index, "name": image.name}
         fields.update(path=image.path, tiles=image.tiles_used)
         if image.plan is not None:
@@ -207,10 +199,11 @@ class ClientReplies(JobListener):
                     data = encode(result.pixels, fields["encoding"])
                 except ImgprocError as exc:
                     self.image_failed(job, image, exc.code, str(exc))
-                    return
+                    return False
                 finally:
                     job.times["encode"] += time.perf_counter() - started
         self.server.reply(job.owner, pack("result", [data], **fields))
+        return True
 
     def image_failed(self, job: Job, image: ImageWork, code: str, message: str) -> None:
         fields = {"job": job.id, "index": image.index, "name": image.name}
@@ -396,23 +389,31 @@ class Server:
                 self.outbox.pop(identity, None)
         return sent
 
-    def _client_gone(self, identity: bytes, why: str) -> None:
-        """Cancel a vanished client's jobs and free their memory."""
-        self.outbox.pop(identity, None)
+    def _client_gone(self, identity: bytes, why: str, reachable: bool = False) -> None:
+        """Cancel a client's jobs and free their memory.  A silent client (``reachable``) is
+        still told, in each job's ``done``; one whose connection is gone cannot be."""
+        if not reachable:
+            self.outbox.pop(identity, None)
         self.last_seen.pop(identity, None)
         for job in list(self.scheduler.jobs.values()):
             if job.owner == identity and job.active:
-                job.owner = None  # nobody to tell
+                if not reachable:
+                    job.owner = None  # nobody to tell
                 self.scheduler.cancel(job, why)
 
     def _drop_silent_clients(self) -> None:
+        """Cancel the jobs of clients silent for longer than ``--client-timeout``; forget
+        clients with nothing running."""
         limit = time.monotonic() - self.options.client_timeout
         owners = {j.owner for j in self.scheduler.jobs.values() if j.active and j.owner}
-        for identity in owners:
-            if self.last_seen.get(identity, 0.0) < limit:
-                self._client_gone(
-                    identity, f"no word from the client for {self.options.client_timeout:g} s"
-                )
+        for identity, seen in list(self.last_seen.items()):
+            if seen >= limit:
+                continue
+            if identity in owners:
+                why = f"no word from the client for {self.options.client_timeout:g} s"
+                self._client_gone(identity, why, reachable=True)
+            else:
+                del self.last_seen[identity]
 
     def retire(self, job: Job) -> None:
         """Keep a finished job's summary for ``status``; free everything else."""
@@ -473,6 +474,7 @@ def run_rank0(comm: MPI.Comm, options: Options) -> None:
         "tile": options.tile,
         "cutover_ms": options.cutover_ms,
         "inline_ms": options.inline_ms,
+        "client_timeout": options.client_timeout,
         "versions": versions(),
         "limits": {
             "max_request_bytes": int(options.max_request_mb * 2**20),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -166,3 +167,14 @@ def test_two_inputs_with_the_same_stem_are_refused(tmp_path):
     b = write_images(tmp_path / "b", 1)[0]
     result = run_cli("run", "--local", str(a), str(b), "-o", str(tmp_path / "o"), "--op", "invert")
     assert result.returncode == 2 and "would both be written to" in result.stderr
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    source = write_images(tmp_path / "in", 1)[0]
+    old = os.umask(0o022)
+    try:
+        assert run_cli("run", "--local", str(source), "-o", str(tmp_path / "o"), "--op",
+                       "invert").returncode == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o" / source.name).stat().st_mode & 0o777 == 0o644

@@ -390,3 +390,28 @@ def test_other_engines_serve_exactly_inside_mpi_ranks(engine):
     assert result.ok and info["engines"][0]["engine"] == engine
     for out, src in zip(result.images, [image, image[:40]]):
         assert np.array_equal(out, Pipeline.parse(specs).apply(src))
+
+
+def test_a_long_job_of_a_client_that_heartbeats_is_not_dropped():
+    """Progress keeps arriving, but the server hears only what the client sends: the client
+    must heartbeat anyway, or a job longer than --client-timeout would be cancelled."""
+    image = random_image(np.random.default_rng(14), 900, 900, 3)
+    with running_cluster(2, "--client-timeout", "1.5") as cluster:
+        with Client(cluster.address, heartbeat=0.3) as client:
+            started = time.monotonic()
+            job = client.submit([image] * 6, ["bilateral:d=15", "median_blur:ksize=9"], tile=64)
+            result = job.result(timeout=100)
+            elapsed = time.monotonic() - started
+    assert result.state == "done" and result.ok, result.message
+    assert elapsed > 1.5  # the job really did outlast the client timeout
+
+
+def test_an_image_that_cannot_be_encoded_counts_as_failed(cluster3):
+    deep = (np.arange(200 * 150, dtype=np.uint16).reshape(200, 150) * 7).astype(np.uint16)
+    with Client(cluster3.address) as client:
+        for tile in (0, 64):
+            result = client.submit([deep], ["invert"], tile=tile, result="jpg").result(30)
+            assert result.errors[0][0] == "image_write_error", tile
+            assert "JPEG holds 8-bit images only" in result.errors[0][1]
+            final = result.stats
+            assert sum(final["paths"].values()) == 0

@@ -25,7 +25,7 @@ import json
 import multiprocessing as mp
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.shared_memory import SharedMemory
 from typing import TypeVar
@@ -41,6 +41,7 @@ from .base import Engine, process_tile
 Descriptor = tuple[str, tuple[int, ...], str]  # shared-memory name, shape, dtype
 Slot = tuple[int, tuple[int, ...], str]  # offset in the arena, shape, dtype
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class EngineCrashed(ImgprocError):
@@ -149,6 +150,17 @@ class ProcessEngine(Engine):
         self._context = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         self._pool = self._new_pool()
         self._arena: SharedMemory | None = None
+        self._threads: ThreadPoolExecutor | None = None
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """Whole-image tasks (Python callables over objects, not tiles): side by side on
+        threads of this process — OpenCV releases the GIL — since pickling images to the
+        children would cost more than it saves."""
+        if len(items) <= 1:
+            return [fn(item) for item in items]
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="imgproc")
+        return list(self._threads.map(fn, items))
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=self._context, initializer=_child_init)
@@ -180,9 +192,10 @@ class ProcessEngine(Engine):
     def _run_blocks(
         self, stage_json: str, pieces: Sequence[np.ndarray], margins: Sequence[Box]
     ) -> list[np.ndarray]:
-        inputs = [_to_shared(p) for p in pieces]
+        inputs: list[tuple[SharedMemory, Descriptor]] = []
         results: list[np.ndarray] = [np.empty(0)] * len(pieces)
         try:
+            inputs.extend(_to_shared(p) for p in pieces)
             futures = [
                 self._pool.submit(_child_run, stage_json, desc, m)
                 for (_, desc), m in zip(inputs, margins)
@@ -246,4 +259,6 @@ class ProcessEngine(Engine):
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
         self._release_arena()
