@@ -40,7 +40,9 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
     """``-o OUTDIR`` and ``--format``."""
-    parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
+    parser.add_argument(
+        "-o", "--output", required=True, metavar="OUTDIR", help="folder of the outputs"
+    )
     parser.add_argument(
         "--format", choices=FORMATS, default="same", help="output format (same: as the input)"
     )
@@ -86,6 +88,8 @@ def cmd_ops(args: argparse.Namespace) -> int:
             rng = ""
             if "minimum" in p or "maximum" in p:
                 rng = f" [{p.get('minimum', '')}..{p.get('maximum', '')}]"
+            if p.get("odd"):
+                rng += " odd"
             print(f"    {p['name']}={p['default']} ({p['type']}{rng}{extra}): {p['doc']}")
         print(f"    depths: {', '.join(d['depths'])}")
     return 0
@@ -138,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     add_client_commands(sub)
+    for command in sub.choices.values():
+        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     add_bench_command(sub)
     from .verify import add_verify_command  # here: verify builds on this module's options
 

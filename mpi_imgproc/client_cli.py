@@ -98,7 +98,7 @@ class BatchSubmission:
             self.bar.update(1)
         elif event.type == "done":
             del self.jobs[job_id]
-            self.stats.append(header.get("stats", {}))
+            self.stats.append({"job": job_id, "state": header["state"], **header.get("stats", {})})
             if header["state"] != "done":
                 self.stopped = f"job {job_id} {header['state']}: {header.get('message')}"
 
@@ -202,7 +202,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
         ("cancel", cmd_cancel, "cancel a job"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("job")
+        cmd.add_argument("job", help="a job id (Job.id in the Python API; submit --stats lists)")
         add_server_options(cmd)
         cmd.set_defaults(func=func)
 

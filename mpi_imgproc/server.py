@@ -169,12 +169,15 @@ def versions() -> dict[str, str]:
 class ClientReplies(JobListener):
     """Turns job events into protocol messages for the job's owner."""
 
-    def __init__(self, server: Server):
+    def __init__(self, server: Server, progress: bool = True):
         self.server = server
+        self.wants_progress = progress
         self.last_progress = 0.0
 
     def progress(self, job: Job, image_finished: bool) -> None:
         now = time.perf_counter()
+        if not self.wants_progress:
+            return
         if not image_finished and now - self.last_progress < PROGRESS_INTERVAL:
             return
         self.last_progress = now
@@ -322,7 +325,8 @@ class Server:
         images = parse_images(header, data)
         job_id = f"j{next(self.job_numbers)}-{secrets.token_hex(3)}"
         output = "pixels" if encoding == "raw" else encoding
-        job = Job(job_id, pipeline, tile, ClientReplies(self), owner=identity, output=output)
+        replies = ClientReplies(self, progress=header.get("progress", True) is not False)
+        job = Job(job_id, pipeline, tile, replies, owner=identity, output=output)
         job.images = [ImageWork(job, i, _source(f)) for i, f in enumerate(images)]
         self.reply(
             identity, pack("accepted", req=header.get("req"), job=job_id, images=len(images))

@@ -173,8 +173,12 @@ def test_outputs_get_the_usual_permissions(tmp_path):
     source = write_images(tmp_path / "in", 1)[0]
     old = os.umask(0o022)
     try:
-        assert run_cli("run", "--local", str(source), "-o", str(tmp_path / "o"), "--op",
-                       "invert").returncode == 0
+        assert (
+            run_cli(
+                "run", "--local", str(source), "-o", str(tmp_path / "o"), "--op", "invert"
+            ).returncode
+            == 0
+        )
     finally:
         os.umask(old)
     assert (tmp_path / "o" / source.name).stat().st_mode & 0o777 == 0o644

@@ -175,3 +175,22 @@ def test_heartbeat_and_info(dealer):
     send(dealer, {"v": 1, "type": "info"})
     info, _ = receive(dealer)
     assert info["type"] == "info" and info["ranks"] == 2 and info["versions"]["protocol"] == "1"
+
+
+def test_progress_false_means_no_progress_messages(dealer):
+    pixels = np.zeros((4, 5), np.uint8)
+    send(
+        dealer,
+        {
+            "v": 1,
+            "type": "submit",
+            "pipeline": ["invert"],
+            "progress": False,
+            "images": [{"name": "a", "encoding": "raw", "shape": [4, 5], "dtype": "uint8"}],
+        },
+        pixels.tobytes(),
+    )
+    types = []
+    while not types or types[-1] != "done":
+        types.append(receive(dealer)[0]["type"])
+    assert types == ["accepted", "result", "done"]
