@@ -39,6 +39,7 @@ from .mpi_transport import Backoff, run_or_abort
 from .pipeline import Pipeline
 from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, ImageSource
 from .protocol import (
+    REQUEST_TYPES,
     VERSION,
     ImageFrame,
     ProtocolError,
@@ -296,10 +297,9 @@ class Server:
         try:
             header, data = unpack(body)
             req = header.get("req")
-            handler = getattr(self, f"_on_{header['type']}", None)
-            if handler is None:
+            if header["type"] not in REQUEST_TYPES:
                 raise ProtocolError("unknown_type", f"unknown message type {header['type']!r}")
-            handler(identity, header, data)
+            getattr(self, f"_on_{header['type']}")(identity, header, data)
         except ProtocolError as exc:
             self.reply(
                 identity, pack("error", req=req, code=exc.code, message=str(exc), **exc.extra)
