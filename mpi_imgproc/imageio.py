@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -89,24 +89,25 @@ def output_path(source: str | Path, outdir: str | Path, fmt: str) -> Path:
 
 
 def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename: never a partial file."""
+    """Write ``data`` to a temporary file beside ``path``, then rename: never a partial file.
+
+    The temporary name is unique to this process and thread, and the file is created with mode
+    0666 less the umask, as a plain ``open`` would.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
