@@ -138,7 +138,8 @@ def make_backend(comm: MPI.Comm, options: argparse.Namespace) -> tuple[Backend, 
     if comm.Get_size() == 1:
         local = LocalBackend(get_engine(options.engine, per_rank))
         return local, per_rank, hosts, [local.engine.describe()]
-    return MPIBackend(comm, options.in_flight or per_rank + 1), per_rank, hosts, engines
+    in_flight = options.in_flight or 2 * per_rank  # one batch running, the next one waiting
+    return MPIBackend(comm, in_flight), per_rank, hosts, engines
 
 
 def workers_per_rank(comm: MPI.Comm, options: Options) -> int:

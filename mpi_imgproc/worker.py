@@ -38,11 +38,15 @@ from .pipeline import stage_from_text
 Task = tuple[dict[str, Any], np.ndarray | None]
 
 
-def _receive_tasks(comm: MPI.Comm) -> tuple[list[Task], bool]:
-    """Every task that has arrived, and whether rank 0 said stop."""
+def _receive_tasks(comm: MPI.Comm, limit: int) -> tuple[list[Task], bool]:
+    """Up to ``limit`` tasks that have arrived, and whether rank 0 said stop.
+
+    Taking no more than the engine has workers leaves the rest queued in MPI: rank 0 keeps
+    about two batches in flight, so the next batch is waiting when this one is done.
+    """
     tasks: list[Task] = []
     status = MPI.Status()
-    while comm.Iprobe(source=0, tag=MPI.ANY_TAG, status=status):
+    while len(tasks) < limit and comm.Iprobe(source=0, tag=MPI.ANY_TAG, status=status):
         if status.Get_tag() == TAG_STOP:
             recv_header(comm, status)
             return tasks, True
@@ -121,7 +125,7 @@ def serve(comm: MPI.Comm, engine: Engine) -> None:
     stop = False
     while not stop:
         sending = [s for s in sending if not MPI.Request.Testall(s[0])]
-        tasks, stop = _receive_tasks(comm)
+        tasks, stop = _receive_tasks(comm, max(1, engine.workers))
         if not tasks:
             if not stop:
                 backoff.sleep()
