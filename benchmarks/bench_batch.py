@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mpi_imgproc.launch import mpiexec, running_cluster
+from mpi_imgproc.launch import mpi_command, running_cluster
 
 OP = "resize:width=256,height=256,interpolation=lanczos"
 
@@ -79,20 +79,9 @@ def run_timed(cmd: list[str], timeout: float = 1200) -> float:
 
 def batch_mode(folder: Path, out: Path, ranks: int, shared_fs: bool) -> tuple[float, float]:
     """Wall seconds, and the batch's own images/s from its summary."""
-    cmd = [
-        mpiexec(),
-        "-n",
-        str(ranks),
-        sys.executable,
-        "-m",
-        "mpi_imgproc.batch",
-        "--input",
-        str(folder),
-        "--output",
-        str(out),
-        "--op",
-        OP,
-    ]
+    cmd = mpi_command(
+        ranks, "mpi_imgproc.batch", "--input", str(folder), "--output", str(out), "--op", OP
+    )
     wall = run_timed(cmd + (["--shared-fs"] if shared_fs else []))
     summary = json.loads((out / "batch-summary.json").read_text())
     return wall, summary["images_per_s"]

@@ -59,7 +59,6 @@ class MPIBackend(Backend):
             requests.append(self.comm.Isend(payload, dest=rank, tag=TAG_TASK_PIXELS))
         self.sending.append((requests, (header, payload)))
         self.load[rank] += 1
-        task.rank = rank
 
     def poll(self) -> list[Completion]:
         self.sending = [s for s in self.sending if not MPI.Request.Testall(s[0])]

@@ -29,7 +29,7 @@ from mpi4py import MPI
 
 from .cli import add_pipeline_options, output_paths, pipeline_from_args
 from .errors import ImgprocError, describe
-from .imageio import FORMATS, encode, expand_inputs, write_atomic
+from .imageio import FORMATS, expand_inputs, write_atomic
 from .mpi_transport import Backoff, run_or_abort
 from .planner import ImageSource
 from .scheduler import ImageResult, ImageWork, Job, JobListener, Scheduler, output_format
@@ -82,10 +82,8 @@ class BatchRecorder(JobListener):
         target = self.targets[image.index]
         try:
             if result.written is None:
-                data = result.encoded
-                if data is None:
-                    data = encode(result.pixels, output_format(self.format, image.name))
-                write_atomic(target, bytes(data))
+                data = result.encoded_as(output_format(self.format, image.name))
+                write_atomic(target, data)  # no copy: the encoded buffer is written as it is
         except Exception as exc:  # noqa: BLE001 - an unwritable output fails that image only
             self._record(image, "failed", error=describe(exc))
             return False

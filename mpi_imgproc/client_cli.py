@@ -108,7 +108,7 @@ class BatchSubmission:
             if event.header.get("encoding") == "raw":
                 data = encode(event.image(), target.suffix)
             else:
-                data = bytes(event.frames[0])
+                data = event.frames[0]  # the encoded file, written without a copy
             write_atomic(target, data)
             self.written += 1
         except Exception as exc:  # noqa: BLE001 - one unwritable result must not stop the rest

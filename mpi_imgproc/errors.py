@@ -56,6 +56,12 @@ class LimitExceeded(ImgprocError):
     code = "limit_exceeded"
 
 
+class EngineCrashed(ImgprocError):
+    """A worker process of the processes engine died twice on the same tiles."""
+
+    code = "engine_crashed"
+
+
 class EngineUnavailable(ImgprocError):
     """A local engine that cannot run here (for example ``gpu`` without CuPy or a device)."""
 

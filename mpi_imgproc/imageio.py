@@ -88,7 +88,7 @@ def output_path(source: str | Path, outdir: str | Path, fmt: str) -> Path:
     return Path(outdir) / (source.stem + suffix)
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
+def write_atomic(path: str | Path, data: bytes | memoryview | np.ndarray) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename: never a partial file.
 
     The temporary name is unique to this process and thread, and the file is created with mode

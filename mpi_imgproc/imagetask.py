@@ -30,6 +30,15 @@ def as_buffer(data: bytes | memoryview) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
 
+def check_pixel_limit(shape: tuple[int, ...], max_pixels: int) -> None:
+    """Raise LimitExceeded for an image with more than ``max_pixels`` pixels."""
+    if shape[0] * shape[1] > max_pixels:
+        raise LimitExceeded(
+            f"{shape[1]}x{shape[0]} has more than the server's limit of {max_pixels} pixels "
+            "(--max-pixels)"
+        )
+
+
 def run_image_task(
     spec: dict[str, Any], payload: np.ndarray | None
 ) -> tuple[np.ndarray | None, dict]:
@@ -49,11 +58,8 @@ def run_image_task(
     else:
         assert payload is not None
         image = payload
-    if "max_pixels" in spec and image.shape[0] * image.shape[1] > spec["max_pixels"]:
-        raise LimitExceeded(
-            f"{image.shape[1]}x{image.shape[0]} has more than the server's limit of "
-            f"{spec['max_pixels']} pixels (--max-pixels)"
-        )
+    if "max_pixels" in spec:
+        check_pixel_limit(image.shape, spec["max_pixels"])
     decoded = time.perf_counter()
     result = pipeline.apply(image)
     fields: dict[str, Any] = {"out_shape": list(result.shape), "out_dtype": str(result.dtype)}

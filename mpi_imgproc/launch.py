@@ -32,6 +32,11 @@ def mpiexec() -> str:
     return found
 
 
+def mpi_command(ranks: int, module: str, *args: str) -> list[str]:
+    """``mpiexec -n RANKS python -m MODULE ARGS...`` with this Python and its mpiexec."""
+    return [mpiexec(), "-n", str(ranks), sys.executable, "-m", module, *args]
+
+
 class Cluster:
     """A running server: its address, its output so far, and its process."""
 
@@ -84,17 +89,7 @@ def _pump(stream, lines: queue.Queue) -> None:
 @contextmanager
 def running_cluster(ranks: int = 3, *args: str) -> Iterator[Cluster]:
     """Start the server on ``ranks`` ranks with extra ``args``; kill its process group after."""
-    cmd = [
-        mpiexec(),
-        "-n",
-        str(ranks),
-        sys.executable,
-        "-m",
-        "mpi_imgproc.server",
-        "--bind",
-        "tcp://127.0.0.1:*",
-        *args,
-    ]
+    cmd = mpi_command(ranks, "mpi_imgproc.server", "--bind", "tcp://127.0.0.1:*", *args)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         cmd,

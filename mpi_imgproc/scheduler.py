@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LimitExceeded, describe, error_code
-from .imagetask import ENCODED, PATH, PIXELS, as_buffer
+from .errors import describe, error_code
+from .imageio import encode
+from .imagetask import ENCODED, PATH, PIXELS, as_buffer, check_pixel_limit
 from .pipeline import Pipeline, ReduceStage, Stage
 from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, ImageSource, Plan, plan_image
 from .tiling import Merger, Tile, split_with_halo
@@ -48,7 +49,6 @@ class Task:
     payload: np.ndarray | None
     tile: Tile | None = None
     sent_at: float = 0.0
-    rank: int = -1
 
 
 @dataclass
@@ -73,6 +73,10 @@ class ImageResult:
     pixels: np.ndarray | None = None
     encoded: np.ndarray | None = None
     written: str | None = None
+
+    def encoded_as(self, fmt: str) -> bytes | np.ndarray:
+        """The encoded image: as the worker encoded it, or encoded here (a tiled image)."""
+        return self.encoded if self.encoded is not None else encode(self.pixels, fmt)
 
 
 @dataclass
@@ -508,15 +512,6 @@ class Scheduler:
     def _finish(self, job: Job, state: str, message: str | None) -> None:
         job.state, job.message, job.ended = state, message, time.perf_counter()
         job.listener.finished(job)
-
-
-def check_pixel_limit(shape: tuple[int, ...], max_pixels: int) -> None:
-    """Raise LimitExceeded for an image with more than ``max_pixels`` pixels."""
-    if shape[0] * shape[1] > max_pixels:
-        raise LimitExceeded(
-            f"{shape[1]}x{shape[0]} has more than the server's limit of {max_pixels} pixels "
-            "(--max-pixels)"
-        )
 
 
 def output_format(output: str, name: str) -> str:

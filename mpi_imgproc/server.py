@@ -33,7 +33,6 @@ from mpi4py import MPI
 
 from . import __version__
 from .errors import ImgprocError
-from .imageio import encode
 from .local_engines import ENGINES, default_workers, get_engine
 from .mpi_transport import Backoff, run_or_abort
 from .pipeline import Pipeline
@@ -197,16 +196,14 @@ class ClientReplies(JobListener):
             fields.update(raw_fields(data))
         else:
             fields["encoding"] = output_format(job.output, image.name)
-            data = result.encoded
-            if data is None:  # a tiled image, merged here
-                started = time.perf_counter()
-                try:
-                    data = encode(result.pixels, fields["encoding"])
-                except ImgprocError as exc:
-                    self.image_failed(job, image, exc.code, str(exc))
-                    return False
-                finally:
-                    job.times["encode"] += time.perf_counter() - started
+            started = time.perf_counter()
+            try:
+                data = result.encoded_as(fields["encoding"])
+            except ImgprocError as exc:
+                self.image_failed(job, image, exc.code, str(exc))
+                return False
+            finally:
+                job.times["encode"] += time.perf_counter() - started
         self.server.reply(job.owner, pack("result", [data], **fields))
         return True
 

@@ -98,12 +98,10 @@ class Merger:
         self.height, self.width = height, width
         self.single = len(tiles) == 1 and tiles[0].core == (0, height, 0, width)
         self.output: np.ndarray | None = None
-        self.remaining = len(tiles)
 
     def place(self, tile: Tile, result: np.ndarray) -> None:
         """Write one tile's cropped result into the output (nothing to copy if the result was
         received straight into it, see ``view_for``)."""
-        self.remaining -= 1
         if self.single:
             self.output = result
             return
@@ -124,10 +122,6 @@ class Merger:
         view = self.output[y0:y1, x0:x1]
         fits = view.shape == tuple(shape) and view.dtype == np.dtype(dtype)
         return view if fits and view.flags.c_contiguous else None
-
-    @property
-    def done(self) -> bool:
-        return self.remaining == 0
 
 
 def output_like(stage: Stage, image: np.ndarray) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The tests start real servers through :mod:`mpi_imgproc.launch`."""
 
-from mpi_imgproc.launch import Cluster, mpiexec, running_cluster
+from mpi_imgproc.launch import Cluster, mpi_command, mpiexec, running_cluster
 
-__all__ = ["Cluster", "mpiexec", "running_cluster"]
+__all__ = ["Cluster", "mpi_command", "mpiexec", "running_cluster"]

@@ -7,14 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from cluster import mpiexec
+from cluster import mpi_command
 from conftest import random_image, write_images
 
 from mpi_imgproc.pipeline import Pipeline
@@ -40,7 +39,7 @@ def add_bad_files(folder: Path) -> dict[str, str]:
 
 
 def batch(*args: str, ranks: int = 3, timeout: float = 90) -> subprocess.CompletedProcess:
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi_imgproc.batch", *args]
+    cmd = mpi_command(ranks, "mpi_imgproc.batch", *args)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -120,7 +119,7 @@ def test_sigterm_mid_batch_leaves_no_partial_file_and_resume_finishes(tmp_path):
         "--format",
         "png",
     ]
-    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "mpi_imgproc.batch", *args]
+    cmd = mpi_command(3, "mpi_imgproc.batch", *args)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

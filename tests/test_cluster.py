@@ -15,13 +15,14 @@ import cv2
 import numpy as np
 import psutil
 import pytest
-from cluster import running_cluster
+from cluster import mpi_command, running_cluster
 from conftest import random_image, write_images
 
 from mpi_imgproc.client import Client, ServerError, ServerTimeout
 from mpi_imgproc.pipeline import Pipeline
 
 pytestmark = pytest.mark.timeout(120)
+CLI = [sys.executable, "-m", "mpi_imgproc.cli"]
 
 PIPELINES = [
     ["grayscale", "gaussian_blur:ksize=9"],
@@ -77,9 +78,7 @@ def test_cli_submit_writes_results_and_reports_bad_files(cluster3, tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     files = [str(good[0]), str(bad), str(good[1]), str(good[2])]
     cmd = [
-        sys.executable,
-        "-m",
-        "mpi_imgproc.cli",
+        *CLI,
         "submit",
         "--server",
         cluster3.address,
@@ -102,9 +101,7 @@ def test_cli_submit_writes_results_and_reports_bad_files(cluster3, tmp_path):
     assert "3 of 4 images written" in result.stdout
     local = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "mpi_imgproc.cli",
+            *CLI,
             "run",
             "--local",
             *map(str, good),
@@ -298,20 +295,7 @@ def test_a_rank_that_cannot_start_ends_the_whole_job():
         pytest.skip("CuPy is installed: the gpu engine may start here")
     except ImportError:
         pass
-    from cluster import mpiexec
-
-    cmd = [
-        mpiexec(),
-        "-n",
-        "3",
-        sys.executable,
-        "-m",
-        "mpi_imgproc.server",
-        "--bind",
-        "tcp://127.0.0.1:*",
-        "--engine",
-        "gpu",
-    ]
+    cmd = mpi_command(3, "mpi_imgproc.server", "--bind", "tcp://127.0.0.1:*", "--engine", "gpu")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "CuPy" in result.stderr or "cupy" in result.stderr
@@ -321,7 +305,7 @@ def test_curve_allows_known_clients_and_refuses_others(tmp_path):
     keys, strangers = tmp_path / "keys", tmp_path / "strangers"
     for folder in (keys, strangers):
         made = subprocess.run(
-            [sys.executable, "-m", "mpi_imgproc.cli", "keys", str(folder)],
+            [*CLI, "keys", str(folder)],
             capture_output=True,
             timeout=30,
         )
@@ -345,9 +329,7 @@ def test_cli_submit_streams_a_folder_through_a_bounded_window(cluster3, tmp_path
     (tmp_path / "in" / "zero.jpg").write_bytes(b"")
     stats = tmp_path / "stats.json"
     cmd = [
-        sys.executable,
-        "-m",
-        "mpi_imgproc.cli",
+        *CLI,
         "submit",
         "--server",
         cluster3.address,

@@ -33,7 +33,7 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
-from ..errors import ImgprocError
+from ..errors import EngineCrashed
 from ..pipeline import Stage, TiledStage, stage_from_text
 from ..tiling import Box, crop_halo, output_like
 from .base import Engine, process_tile
@@ -42,12 +42,6 @@ Descriptor = tuple[str, tuple[int, ...], str]  # shared-memory name, shape, dtyp
 Slot = tuple[int, tuple[int, ...], str]  # offset in the arena, shape, dtype
 R = TypeVar("R")
 T = TypeVar("T")
-
-
-class EngineCrashed(ImgprocError):
-    """A worker process died twice on the same batch of tiles."""
-
-    code = "engine_crashed"
 
 
 # ------------------------------------------------------------------------- in the children
