@@ -19,9 +19,11 @@ from .mpi_transport import (
     TAG_TASK,
     TAG_TASK_PIXELS,
     Backoff,
+    as_bytes,
     encode_header,
     pixel_fields,
     recv_header,
+    recv_into,
     recv_pixels,
 )
 from .pipeline import stage_from_text
@@ -51,8 +53,8 @@ class MPIBackend(Backend):
         fields = {"task": task.id, **task.header}
         payload = None
         if task.payload is not None:
-            payload = np.ascontiguousarray(task.payload)  # a no-op for full-width strips
-            fields.update(pixel_fields(payload))
+            payload = as_bytes(task.payload)  # no copy for full-width strips
+            fields.update(pixel_fields(task.payload))
         header = encode_header(fields)
         requests = [self.comm.Isend([header, MPI.BYTE], dest=rank, tag=TAG_TASK)]
         if payload is not None:
@@ -74,8 +76,7 @@ class MPIBackend(Backend):
                 if into is None:
                     result = recv_pixels(self.comm, rank, TAG_RESULT_PIXELS, header)
                 else:
-                    self.comm.Recv(into, source=rank, tag=TAG_RESULT_PIXELS)
-                    result = into
+                    result = recv_into(self.comm, into, rank, TAG_RESULT_PIXELS)
             self.load[rank] -= 1
             done.append(completion(header, result, rank))
             done[-1].received_s = time.perf_counter() - started

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .client import DEFAULT_ADDRESS, Client, Event, ServerError, ServerTimeout
+from .client import DEFAULT_ADDRESS, Client, Event
 from .errors import ImgprocError, describe
 from .imageio import encode, expand_inputs, write_atomic
 from .pipeline import Pipeline
@@ -66,7 +66,7 @@ class BatchSubmission:
                     self._submit(starts.pop(0), chunk)
                 for job, event in self.client.poll_events(timeout=self.args.timeout):
                     self._handle(job.id, event)
-        except (ServerError, ServerTimeout) as exc:
+        except ImgprocError as exc:  # refused, timed out, or the server is gone
             self.stopped = str(exc)
         finally:
             self.bar.close()
@@ -142,14 +142,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print a job's state."""
     with _client(args) as client:
-        _print_json(client.status(args.job))
+        _print_json(client.status(args.job, args.token))
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Cancel a job."""
     with _client(args) as client:
-        _print_json(client.cancel(args.job))
+        _print_json(client.cancel(args.job, args.token))
     return 0
 
 
@@ -166,13 +166,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     folder = Path(args.dir)
     (folder / "clients").mkdir(parents=True, exist_ok=True)
-    if not (folder / "server.key_secret").exists():
-        zmq.auth.create_certificates(folder, "server")
-    public, _ = zmq.auth.create_certificates(folder, args.client)
+    old = os.umask(0o077)  # secret keys are born 0600: never readable by others, not even briefly
+    try:
+        if not (folder / "server.key_secret").exists():
+            zmq.auth.create_certificates(folder, "server")
+        public, _ = zmq.auth.create_certificates(folder, args.client)
+        if args.client != "client":
+            for ext in ("key", "key_secret"):
+                shutil.copy(folder / f"{args.client}.{ext}", folder / f"client.{ext}")
+    finally:
+        os.umask(old)
     shutil.copy(public, folder / "clients" / Path(public).name)
-    if args.client != "client":
-        for ext in ("key", "key_secret"):
-            shutil.copy(folder / f"{args.client}.{ext}", folder / f"client.{ext}")
+    for secret in folder.glob("*.key_secret"):
+        secret.chmod(0o600)
+    for public_key in [*folder.glob("*.key"), *(folder / "clients").glob("*.key")]:
+        public_key.chmod(0o644)
     print(f"server keys: {folder / 'server.key_secret'} (keep secret), {folder / 'server.key'}")
     print(f"client keys: {folder / 'client.key_secret'}; allowed: {folder / 'clients'}")
     return 0
@@ -203,6 +211,9 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("job", help="a job id (Job.id in the Python API; submit --stats lists)")
+        cmd.add_argument(
+            "--token", required=True, help="the job's secret token (Job.token; from accepted)"
+        )
         add_server_options(cmd)
         cmd.set_defaults(func=func)
 

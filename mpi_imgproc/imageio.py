@@ -3,18 +3,34 @@
 OpenCV decodes a truncated JPEG or PNG silently (it only prints a warning) and returns a partly
 grey image; such a file must be reported, not processed.  ``decode`` therefore checks that JPEG
 and PNG data end where their format says they end before handing them to OpenCV.
+
+``probe`` reads an image's size from its header alone, so that a pixel limit can refuse a
+30000x30000 PNG of a few hundred kilobytes before decoding it would take 900 MB.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import os
+import struct
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
+from PIL import (
+    BmpImagePlugin,
+    ImageFile,
+    Jpeg2KImagePlugin,
+    JpegImagePlugin,
+    PngImagePlugin,
+    PpmImagePlugin,
+    SunImagePlugin,
+    TiffImagePlugin,
+)
 
 from .errors import ImageReadError, ImageWriteError
 from .ops import check_image
@@ -55,13 +71,173 @@ def decode(data: bytes | memoryview) -> np.ndarray:
     return image
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read and decode one image file."""
+def read_bytes(path: str | Path) -> bytes:
+    """The bytes of one image file; ImageReadError says why it cannot be read."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ImageReadError(f"cannot read: {exc.strerror or exc}") from None
-    return decode(data)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read and decode one image file."""
+    return decode(read_bytes(path))
+
+
+# --------------------------------------------------------------------------- header probing
+
+_HEADER_BYTES = 32
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
+_JP2_MAGIC = (b"\xff\x4f\xff\x51", b"\0\0\0\x0cjP  \r\n\x87\n")  # codestream, JP2 box
+_ONE_CHANNEL_MODES = ("1", "L", "I", "F")
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_OPENCV_CHANNELS = {("TIFF", "LA"): 1, ("TIFF", "CMYK"): 4}  # OpenCV's own readings of these
+
+
+def _pillow_class(prefix: bytes) -> type[ImageFile.ImageFile] | None:
+    """The Pillow image class that reads the header of a format OpenCV decodes, by its magic.
+
+    The classes are used directly, not through ``Image.open``: its decompression-bomb check
+    (which warns above ``Image.MAX_IMAGE_PIXELS`` and refuses above twice that) is about
+    Pillow decoding, which is not done here, and would hide the very sizes a pixel limit must
+    see.  Only formats whose header reader reads headers alone are listed: Pillow's WebP and
+    GIF readers start decoding (or check sizes themselves) when opened, so those two headers
+    are parsed here; JPEG is read as plain JPEG (OpenCV decodes an MPO's first image).
+    """
+    if prefix.startswith(_PNG_SIGNATURE):
+        return PngImagePlugin.PngImageFile
+    if prefix[:3] == b"\xff\xd8\xff":
+        return JpegImagePlugin.JpegImageFile
+    if prefix[:4] in _TIFF_MAGIC:
+        return TiffImagePlugin.TiffImageFile
+    if prefix[:2] == b"BM":
+        return BmpImagePlugin.BmpImageFile
+    if len(prefix) >= 2 and prefix[0:1] == b"P" and prefix[1:2] in b"1234567fF":
+        return PpmImagePlugin.PpmImageFile
+    if prefix[:4] == b"\x59\xa6\x6a\x95":
+        return SunImagePlugin.SunImageFile
+    if prefix.startswith(_JP2_MAGIC):
+        return Jpeg2KImagePlugin.Jpeg2KImageFile
+    if prefix[4:8] == b"ftyp" and prefix[8:12] in (b"avif", b"avis", b"mif1", b"msf1"):
+        try:
+            from PIL import AvifImagePlugin  # Pillow >= 11.2, and only with libavif
+        except ImportError:
+            return None
+        return AvifImagePlugin.AvifImageFile if AvifImagePlugin.SUPPORTED else None
+    return None
+
+
+def _webp_header(head: bytes) -> tuple[int, int, int, int] | None:
+    """Size and channels from a WebP file's first chunk (lossy, lossless or extended)."""
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return None
+    chunk = head[12:16]
+    if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", head[26:30])
+        return height & 0x3FFF, width & 0x3FFF, 3, 1
+    if chunk == b"VP8L" and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        return height, width, 4 if bits >> 28 & 1 else 3, 1
+    if chunk == b"VP8X":
+        width = int.from_bytes(head[24:27], "little") + 1
+        height = int.from_bytes(head[27:30], "little") + 1
+        return height, width, 4 if head[20] & 0x10 else 3, 1
+    return None
+
+
+def _gif_header(fp: BinaryIO) -> tuple[int, int, int, int] | None:
+    """Size from a GIF's logical screen; BGRA if its first frame has a transparent colour."""
+    head = fp.read(13)
+    if len(head) < 13 or head[:6] not in (b"GIF87a", b"GIF89a"):
+        return None
+    width, height = struct.unpack("<HH", head[6:10])
+    if head[10] & 0x80:  # global colour table
+        fp.seek(3 << ((head[10] & 7) + 1), io.SEEK_CUR)
+    channels = 3
+    for _ in range(64):  # extensions before the first image: a graphic control one tells
+        introducer = fp.read(2)
+        if len(introducer) < 2 or introducer[0] != 0x21:
+            break
+        block = fp.read(2) if introducer[1] == 0xF9 else b""
+        if len(block) == 2 and block[0] >= 1:
+            channels = 4 if block[1] & 1 else 3
+            break
+        fp.seek(-len(block), io.SEEK_CUR)
+        while size := fp.read(1):  # skip the extension's sub-blocks
+            if size[0] == 0:
+                break
+            fp.seek(size[0], io.SEEK_CUR)
+    return height, width, channels, 1
+
+
+def _pillow_header(fp: BinaryIO, prefix: bytes) -> tuple[int, int, int, int] | None:
+    cls = _pillow_class(prefix)
+    if cls is None:
+        return None
+    try:
+        with cls(fp) as image:
+            width, height = image.size
+            mode, fmt = image.mode, image.format
+            transparent = "transparency" in image.info
+            args = [arg for tile in image.tile for arg in _tile_args(tile)]
+    except Exception:  # noqa: BLE001 - a header Pillow cannot read: size unknown
+        return None
+    if (fmt, mode) in _OPENCV_CHANNELS:
+        nch = _OPENCV_CHANNELS[fmt, mode]
+    elif mode == "P":
+        nch = 4 if transparent else 3
+    elif mode in _ONE_CHANNEL_MODES or mode.startswith("I;"):
+        nch = 1
+    else:
+        nch = 4 if mode in _ALPHA_MODES else 3  # RGB, CMYK JPEG (decoded as BGR), YCbCr, ...
+    deep_ppm = fmt == "PPM" and any(isinstance(a, int) and a > 255 for a in args)  # maxval
+    if "16" in mode or deep_ppm or any(";16" in str(a) for a in args):
+        nbytes = 2
+    elif mode in ("I", "F"):
+        nbytes = 4
+    else:
+        nbytes = 1
+    return height, width, nch, nbytes
+
+
+def _tile_args(tile: object) -> tuple:
+    args = getattr(tile, "args", None)
+    if args is None and isinstance(tile, tuple) and len(tile) > 3:
+        args = tile[3]  # Pillow < 11 tiles are plain tuples
+    return args if isinstance(args, tuple) else (args,)
+
+
+def probe(
+    source: bytes | bytearray | memoryview | str | os.PathLike[str],
+) -> tuple[int, int, int, int] | None:
+    """``(height, width, channels, bytes per value)`` of an encoded image, from its header only.
+
+    ``source`` is the encoded bytes or a path (of which only the header is read).  No pixels
+    are decoded and no memory in proportion to the image's size is taken, so a pixel limit
+    can be checked first.  Channels and bytes per value are what ``decode`` will most likely
+    give (OpenCV's reading of the format: gray 1, BGR 3, BGRA 4; 1 or 2 bytes).  None when the
+    size cannot be known this way: unreadable, corrupt, or a format this does not read
+    (OpenCV may still decode it).
+
+    Pillow's ``Image.open`` is not used (see ``_pillow_class``), so its global
+    ``Image.MAX_IMAGE_PIXELS`` neither refuses large sizes here nor is changed.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _probe_file(io.BytesIO(source))
+    try:
+        with open(source, "rb") as fp:
+            return _probe_file(fp)
+    except OSError:
+        return None
+
+
+def _probe_file(fp: BinaryIO) -> tuple[int, int, int, int] | None:
+    head = fp.read(_HEADER_BYTES)
+    fp.seek(0)
+    if head[:3] == b"GIF":
+        return _gif_header(fp)
+    return _webp_header(head) or _pillow_header(fp, head)
 
 
 def encode(image: np.ndarray, fmt: str) -> bytes:

@@ -8,6 +8,10 @@ or a file the worker writes (atomically).
 
 A task is a JSON-ready ``spec`` plus at most one buffer; the same function runs it on a worker
 rank and on rank 0 when it runs alone.
+
+With ``max_pixels`` in the spec, the limit holds before the memory is spent: an encoded image's
+size is read from its header and checked, with every op's output size, before it is decoded;
+raw pixels are checked, with every op's output size, before the pipeline runs.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LimitExceeded
-from .imageio import decode, encode, read_image, write_atomic
+from .imageio import decode, encode, probe, read_bytes, write_atomic
 from .pipeline import Pipeline
+from .pipeline import check_pixel_limit as _check_pixels
 
 PIXELS, ENCODED, PATH = "pixels", "encoded", "path"
 
@@ -31,12 +35,20 @@ def as_buffer(data: bytes | memoryview) -> np.ndarray:
 
 
 def check_pixel_limit(shape: tuple[int, ...], max_pixels: int) -> None:
-    """Raise LimitExceeded for an image with more than ``max_pixels`` pixels."""
-    if shape[0] * shape[1] > max_pixels:
-        raise LimitExceeded(
-            f"{shape[1]}x{shape[0]} has more than the server's limit of {max_pixels} pixels "
-            "(--max-pixels)"
-        )
+    """Raise LimitExceeded for an image with more than ``max_pixels`` pixels.
+
+    The image alone; ``Pipeline.check_pixel_limit`` also checks every op's output.
+    """
+    _check_pixels(shape, max_pixels)
+
+
+def _probed_shape(data: bytes) -> tuple[int, ...] | None:
+    """The array shape ``decode`` will give ``data``, from its header; None if unknown."""
+    probed = probe(data)
+    if probed is None:
+        return None
+    height, width, channels, _ = probed
+    return (height, width) if channels == 1 else (height, width, channels)
 
 
 def run_image_task(
@@ -49,17 +61,24 @@ def run_image_task(
     ``source``/``target`` paths for path input/output.
     """
     pipeline = Pipeline.from_json(spec["pipeline"])
+    max_pixels = spec.get("max_pixels")
     started = time.perf_counter()
-    if spec["input"] == PATH:
-        image = read_image(spec["source"])
-    elif spec["input"] == ENCODED:
-        assert payload is not None
-        image = decode(payload.data)
+    if spec["input"] in (PATH, ENCODED):
+        if spec["input"] == PATH:
+            data = read_bytes(spec["source"])
+        else:
+            assert payload is not None
+            data = payload.tobytes() if isinstance(payload, np.ndarray) else bytes(payload)
+        if max_pixels is not None:
+            shape = _probed_shape(data)  # refuse before decoding, when the header tells
+            if shape is not None:
+                pipeline.check_pixel_limit(shape, max_pixels)
+        image = decode(data)
     else:
         assert payload is not None
         image = payload
-    if "max_pixels" in spec:
-        check_pixel_limit(image.shape, spec["max_pixels"])
+    if max_pixels is not None:
+        pipeline.check_pixel_limit(image.shape, max_pixels)
     decoded = time.perf_counter()
     result = pipeline.apply(image)
     fields: dict[str, Any] = {"out_shape": list(result.shape), "out_dtype": str(result.dtype)}

@@ -40,11 +40,24 @@ def recv_header(comm: MPI.Comm, status: MPI.Status) -> dict[str, Any]:
     return json.loads(buf) if buf else {}
 
 
+def as_bytes(array: np.ndarray) -> list:
+    """An array as an MPI byte buffer (C-contiguous first, which is free for full-width strips).
+
+    Handing MPI bytes, never a typed buffer, means any dtype at any alignment goes through:
+    mpi4py cannot map some buffer formats (``=H`` for a 16-bit view of an odd address).
+    """
+    return [np.ascontiguousarray(array).reshape(-1).view(np.uint8), MPI.BYTE]
+
+
+def recv_into(comm: MPI.Comm, array: np.ndarray, source: int, tag: int) -> np.ndarray:
+    """Receive pixels as bytes straight into ``array`` (C-contiguous), and return it."""
+    comm.Recv([array.reshape(-1).view(np.uint8), MPI.BYTE], source=source, tag=tag)
+    return array
+
+
 def recv_pixels(comm: MPI.Comm, source: int, tag: int, header: dict[str, Any]) -> np.ndarray:
     """Receive the array a header announced (``shape``, ``dtype``) straight into new memory."""
-    array = np.empty(header["shape"], dtype=header["dtype"])
-    comm.Recv(array, source=source, tag=tag)
-    return array
+    return recv_into(comm, np.empty(header["shape"], dtype=header["dtype"]), source, tag)
 
 
 def pixel_fields(array: np.ndarray) -> dict[str, Any]:

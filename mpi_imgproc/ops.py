@@ -22,7 +22,9 @@ Every op declares its *class*, which tells the tiler how it may be cut up:
 
 Point ops are built as lookup tables computed in float64 and rounded once, so every engine and
 tile layout produces the same bits.  To add an op, write one function and one ``_register``
-call, then one test.
+call, then one test.  An op whose output shape differs from its input's (geometric ops,
+``grayscale``, ``canny``) also registers a ``shape_rule``, so that ``Op.output_shape`` tells the
+shape without running it (limits are checked before the memory is spent).
 """
 
 from __future__ import annotations
@@ -111,12 +113,12 @@ def _coerce(op: str, param: Param, raw: Any) -> Any:
             raise InvalidParameter(f"{where} must be an integer, got {raw!r}")
         try:
             return int(raw) if not isinstance(raw, str) else int(raw.strip())
-        except ValueError:
+        except (TypeError, ValueError, OverflowError):  # null, a list, an infinity
             raise InvalidParameter(f"{where} must be an integer, got {raw!r}") from None
     if param.type is float:
         try:
             value = float(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InvalidParameter(f"{where} must be a number, got {raw!r}") from None
         if not np.isfinite(value):
             raise InvalidParameter(f"{where} must be finite, got {raw!r}")
@@ -143,6 +145,9 @@ class Op:
     # table(statistic, **params) -> a lookup table applied to every tile.
     reduce: Callable[[np.ndarray], np.ndarray] | None = None
     table: Callable[..., np.ndarray] | None = None
+    # For ops whose output shape differs from their input's: (canonical input shape, bound
+    # params) -> output shape.  None: the output has the input's shape.
+    shape_rule: Callable[[tuple[int, ...], Mapping[str, Any]], tuple[int, ...]] | None = None
 
     @property
     def tileable(self) -> bool:
@@ -185,6 +190,20 @@ class Op:
             hint = " (add grayscale first)" if self.channels == (1,) else ""
             raise UnsupportedImage(f"{self.name}: needs a {wanted} image, got {names[nch]}{hint}")
 
+    def output_shape(self, shape: tuple[int, ...], params: Mapping[str, Any]) -> tuple[int, ...]:
+        """The shape of the op's result for an input of ``shape``, without running it.
+
+        ``shape`` is an image array's shape, ``(H, W)`` or ``(H, W, C)``; ``params`` are bound
+        (see ``bind``).  The result is canonical: ``(H', W')`` when the output has one channel,
+        ``(H', W', C')`` otherwise.  That is exactly the result array's shape for every input
+        except an ``(H, W, 1)`` array, for which some kernels keep the unit axis and others drop
+        it (the decoders never produce one).  Raises what ``run`` would raise for parameters
+        that do not fit the image (a crop outside it) and UnsupportedImage for a shape that is
+        no image; depth and channel support are not checked (``check_image`` does that).
+        """
+        shape = canonical_shape(shape)
+        return shape if self.shape_rule is None else self.shape_rule(shape, params)
+
     def run(self, image: np.ndarray, params: Mapping[str, Any]) -> np.ndarray:
         """Apply the op with already-bound ``params`` to a whole image (or a tile)."""
         self.check_image(image)
@@ -217,6 +236,24 @@ class Op:
 def channels(image: np.ndarray) -> int:
     """Number of channels of an OpenCV-style image (1 for a 2-D array)."""
     return 1 if image.ndim == 2 else image.shape[2]
+
+
+def canonical_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` as ``(H, W)`` for one channel (``(H, W, 1)`` too) or ``(H, W, C)``.
+
+    Raises UnsupportedImage for a shape that is not a gray, BGR or BGRA image, or is empty, with
+    ``check_image``'s messages.
+    """
+    shape = tuple(int(n) for n in shape)
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
+        raise UnsupportedImage(f"image must be gray, BGR or BGRA; got array shape {shape}")
+    if shape[0] <= 0 or shape[1] <= 0:
+        raise UnsupportedImage(f"image is empty: shape {shape}")
+    return shape[:2] if len(shape) == 3 and shape[2] == 1 else shape
+
+
+def _one_channel(shape: tuple[int, ...], params: Mapping[str, Any]) -> tuple[int, ...]:
+    return shape[:2]
 
 
 def check_image(image: np.ndarray) -> None:
@@ -323,7 +360,7 @@ def threshold(image: np.ndarray, value: float, max_value: int, type: str) -> np.
     return _apply_lut(image, _round_clip(table, image))
 
 
-_register(Op("grayscale", POINT, grayscale.__doc__ or "", grayscale))
+_register(Op("grayscale", POINT, grayscale.__doc__ or "", grayscale, shape_rule=_one_channel))
 _register(Op("invert", POINT, invert.__doc__ or "", invert))
 _register(
     Op(
@@ -668,6 +705,7 @@ _register(
             Param("l2", bool, False, "use the L2 gradient norm"),
         ),
         depths=U8,
+        shape_rule=_one_channel,  # a colour image gives one edge map
     )
 )
 
@@ -718,18 +756,39 @@ def _check_resize(p: dict[str, Any]) -> None:
         raise InvalidParameter("resize: give scale or width/height, not both")
 
 
-def crop(image: np.ndarray, x: int, y: int, width: int, height: int) -> np.ndarray:
-    """The rectangle at (x, y) of the given size; width/height 0 extend to the image edge."""
-    h, w = image.shape[:2]
+def crop_box(height: int, width: int, p: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)`` that ``crop`` cuts from an image of the given size (or why not)."""
+    x, y, h, w = p["x"], p["y"], height, width
     if x >= w or y >= h:
         raise InvalidParameter(f"crop: origin ({x}, {y}) lies outside the {w}x{h} image")
-    x1 = w if width == 0 else x + width
-    y1 = h if height == 0 else y + height
+    x1 = w if p["width"] == 0 else x + p["width"]
+    y1 = h if p["height"] == 0 else y + p["height"]
     if x1 > w or y1 > h:
         raise InvalidParameter(
             f"crop: rectangle {x},{y} {x1 - x}x{y1 - y} extends past the {w}x{h} image"
         )
-    return image[y:y1, x:x1].copy()
+    return x, y, x1, y1
+
+
+def crop(image: np.ndarray, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """The rectangle at (x, y) of the given size; width/height 0 extend to the image edge."""
+    p = {"x": x, "y": y, "width": width, "height": height}
+    x0, y0, x1, y1 = crop_box(image.shape[0], image.shape[1], p)
+    return image[y0:y1, x0:x1].copy()
+
+
+def _resize_rule(shape: tuple[int, ...], p: Mapping[str, Any]) -> tuple[int, ...]:
+    return (*resize_shape(shape[0], shape[1], p), *shape[2:])
+
+
+def _crop_rule(shape: tuple[int, ...], p: Mapping[str, Any]) -> tuple[int, ...]:
+    x0, y0, x1, y1 = crop_box(shape[0], shape[1], p)
+    return (y1 - y0, x1 - x0, *shape[2:])
+
+
+def _rotate_rule(shape: tuple[int, ...], p: Mapping[str, Any]) -> tuple[int, ...]:
+    # Quarter turns only: the canvas is never enlarged, 90 and 270 swap height and width.
+    return shape if p["angle"] == 180 else (shape[1], shape[0], *shape[2:])
 
 
 _ROTATIONS = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}
@@ -760,6 +819,7 @@ _register(
             Param("height", int, 0, "output height (0 = from width)", minimum=0, maximum=100000),
             Param("interpolation", str, "area", "method", choices=tuple(INTERPOLATIONS)),
         ),
+        shape_rule=_resize_rule,
     )
 )
 _CROSS_CHECKS["resize"] = _check_resize
@@ -775,6 +835,7 @@ _register(
             Param("width", int, 0, "width (0 = to the right edge)", minimum=0),
             Param("height", int, 0, "height (0 = to the bottom edge)", minimum=0),
         ),
+        shape_rule=_crop_rule,
     )
 )
 _register(
@@ -784,6 +845,7 @@ _register(
         rotate.__doc__ or "",
         rotate,
         (Param("angle", int, 90, "clockwise degrees", choices=(90, 180, 270)),),
+        shape_rule=_rotate_rule,
     )
 )
 _register(

@@ -13,6 +13,10 @@ the whole-image result:
 
 Every stage has ``process(pixels) -> pixels`` and a JSON form, which is what engines, worker
 processes and MPI ranks receive.
+
+``Pipeline.output_shapes(shape)`` tells every step's output shape without running anything, and
+``Pipeline.check_pixel_limit(shape, max_pixels)`` refuses an input with more pixels than a
+limit, or a pipeline one of whose steps would output more, before any of that memory is spent.
 """
 
 from __future__ import annotations
@@ -26,8 +30,24 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidPipeline
-from .ops import Op, apply_table, check_image, get_op
+from .errors import ImgprocError, InvalidPipeline, LimitExceeded
+from .ops import Op, apply_table, canonical_shape, check_image, get_op
+
+
+def check_pixel_limit(shape: Sequence[int], max_pixels: int, what: str = "") -> None:
+    """Raise LimitExceeded if an image of ``shape`` has more than ``max_pixels`` pixels (H·W).
+
+    The message gives the size as width x height, preceded by ``what`` when given (``"input"``,
+    ``"resize: output"``): ``"resize: output 60000x60000 has more than the server's limit of
+    400000000 pixels (--max-pixels)"``.
+    """
+    height, width = int(shape[0]), int(shape[1])
+    if height * width > max_pixels:
+        name = f"{what} " if what else ""
+        raise LimitExceeded(
+            f"{name}{width}x{height} has more than the server's limit of {max_pixels} pixels "
+            "(--max-pixels)"
+        )
 
 
 @dataclass(frozen=True)
@@ -131,6 +151,47 @@ class Pipeline:
     def halo(self) -> int:
         """Largest halo any tiled stage needs."""
         return max((s.halo for s in self.stages if isinstance(s, TiledStage)), default=0)
+
+    def output_shapes(self, shape: Sequence[int]) -> list[tuple[int, ...]]:
+        """The shape after each step for an input of ``shape``, computed without running anything.
+
+        One shape per step, in order, each canonical as ``Op.output_shape`` gives it (the last is
+        the pipeline's result).  Raises what that step would raise for parameters that do not
+        fit its input (a crop outside the image) and UnsupportedImage for a shape that is no
+        image.
+        """
+        shapes = []
+        current = canonical_shape(tuple(shape))
+        for step in self.steps:
+            current = step.op.output_shape(current, step.params)
+            shapes.append(current)
+        return shapes
+
+    def output_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape of the pipeline's result for an input of ``shape`` (see ``output_shapes``)."""
+        return self.output_shapes(shape)[-1]
+
+    def check_pixel_limit(self, shape: Sequence[int], max_pixels: int) -> None:
+        """Raise LimitExceeded if the input or any step's output has more than ``max_pixels``.
+
+        Pixels are H·W (channels do not count).  The input is checked first, then the steps in
+        order; the first one over the limit is named in the message with its output size, e.g.
+        ``"resize: output 60000x60000 has more than the server's limit of 400000000 pixels
+        (--max-pixels)"`` (``"input 30000x30000 ..."`` for the input).  Only LimitExceeded is
+        raised: a step whose output shape cannot be known (its parameters do not fit, or the
+        shape is no image) ends the check there, and running the pipeline reports that error.
+        """
+        check_pixel_limit(shape, max_pixels, "input")
+        try:
+            current = canonical_shape(tuple(shape))
+        except ImgprocError:
+            return
+        for step in self.steps:
+            try:
+                current = step.op.output_shape(current, step.params)
+            except ImgprocError:
+                return
+            check_pixel_limit(current, max_pixels, f"{step.op.name}: output")
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         """The reference: every op on the whole image, in one process, in order."""

@@ -24,24 +24,26 @@ images.
 
 from __future__ import annotations
 
-import io
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from .imageio import decode
+from .imageio import decode, probe
 from .metrics import TiledWork, recommend_tile
 from .pipeline import Pipeline
 
+# Each tile costs rank 0 a task record and a message, whatever its size: ``tile: 1`` on a
+# 2000x2000 image would be four million of them.  Tiles are therefore at least as large as the
+# pipeline's halo and at most this many per image (the result is the same for any tile size).
+MAX_TILES_PER_IMAGE = 4096
 DEFAULT_CUTOVER_S = 0.03
 DEFAULT_INLINE_S = 0.01
 TRANSFER_NS_PER_BYTE = 0.5
 
-_MODE_CHANNELS = {"L": 1, "I;16": 1, "I;16B": 1, "I": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 4}
 
 
 def op_cost_ns(name: str, params: Mapping[str, Any]) -> float:
@@ -95,14 +97,7 @@ class ImageSource:
         if self.pixels is not None:
             p = self.pixels
             return p.shape[0], p.shape[1], 1 if p.ndim == 2 else p.shape[2], p.dtype.itemsize
-        try:
-            source = io.BytesIO(self.data) if self.data is not None else self.path
-            with Image.open(source) as image:
-                width, height = image.size
-                mode = image.mode
-        except Exception:  # noqa: BLE001 - unreadable here: the worker will say why
-            return None
-        return height, width, _MODE_CHANNELS.get(mode, 3), 2 if "16" in mode else 1
+        return probe(self.data if self.data is not None else self.path)
 
 
 @dataclass(frozen=True)
@@ -166,3 +161,19 @@ def plan_image(
         reason=f"{why}: strips of {choice.tile} rows, predicted {choice.predicted_s * 1e3:.0f} ms "
         f"against {choice.whole_s * 1e3:.0f} ms whole",
     )
+
+
+def bound_tiles(plan: Plan, height: int, width: int, halo: int) -> Plan:
+    """``plan`` with its tile size raised, if need be, to at least ``halo`` and to at most
+    :data:`MAX_TILES_PER_IMAGE` tiles for an image of ``height`` x ``width``; the reason says so.
+    """
+    if plan.path != "tiled":
+        return plan
+    size = max(plan.tile, halo, 1)
+    size = max(size, math.isqrt(height * width // MAX_TILES_PER_IMAGE))
+    while math.ceil(height / size) * math.ceil(width / size) > MAX_TILES_PER_IMAGE:
+        size += max(1, size // 16)
+    if size == plan.tile:
+        return plan
+    why = f"tile raised to {size} (at least the halo of {halo}, at most "
+    return replace(plan, tile=size, reason=f"{plan.reason}; {why}{MAX_TILES_PER_IMAGE} tiles)")

@@ -1,27 +1,37 @@
 """The client–server wire format (``docs/protocol.md``): JSON header frame, raw data frames.
 
-This module only builds and checks messages; it knows nothing about sockets, so the server,
-the client and the tests share one definition.  Nothing here pickles.
+Every request and reply is declared here as a :mod:`msgspec` schema, and every request is
+decoded against it before any field is used, so a hostile or careless header (a list where a
+job id belongs, a shape of ``[true, 3]``, JSON nested 100,000 deep) is refused with an error that
+names the field, never a traceback.  ``tests/test_protocol_doc.py`` checks ``docs/protocol.md``
+against these schemas.  This module knows nothing about sockets; nothing here pickles.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import numpy as np
 
 from .errors import ImgprocError
 
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
-REQUEST_TYPES = ("submit", "status", "cancel", "info", "heartbeat")
-RESULT_ENCODINGS = ("raw", "png", "jpg", "tif", "same")
+VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 RAW_DTYPES = ("uint8", "uint16")
 MAX_IMAGES_PER_REQUEST = 10_000
+MAX_PIPELINE_OPS = 64
+MAX_SIDE = 2**31 - 1  # pixels along one side of a raw image
+HEADER_LIMIT = 1 << 20  # bytes of one header frame (10,000 image descriptors fit)
+
+ShortText = Annotated[str, msgspec.Meta(max_length=64)]
+Name = Annotated[str, msgspec.Meta(max_length=1024)]
+Side = Annotated[int, msgspec.Meta(ge=1, le=MAX_SIDE)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+ParamValue = str | int | float | bool | None
 
 
 class ProtocolError(ImgprocError):
@@ -33,126 +43,321 @@ class ProtocolError(ImgprocError):
         self.extra = extra
 
 
+# -- requests (client -> server) ---------------------------------------------------------
+
+
+class Request(msgspec.Struct, tag_field="type", kw_only=True):
+    """Fields every request has: the protocol version and an optional request id."""
+
+    v: int
+    req: ShortText | None = None
+
+
+class OpItem(msgspec.Struct, forbid_unknown_fields=True):
+    """One op of a pipeline in object form: ``{"op": NAME, "params": {...}}``."""
+
+    op: ShortText
+    params: dict[ShortText, ParamValue] = {}
+
+
+class ImageDesc(msgspec.Struct, forbid_unknown_fields=True):
+    """One image a submit will upload: its name, its encoding and its exact size in bytes."""
+
+    size: Count
+    name: Name = ""
+    encoding: Literal["file", "raw"] = "file"
+    shape: Annotated[list[Side], msgspec.Meta(min_length=2, max_length=3)] | None = None
+    dtype: Literal["uint8", "uint16"] | None = None
+
+
+class Submit(Request, tag="submit", forbid_unknown_fields=True):
+    """Run a pipeline over images, uploaded afterwards one ``upload`` each."""
+
+    pipeline: Annotated[list[ShortText | OpItem], msgspec.Meta(max_length=MAX_PIPELINE_OPS)]
+    images: Annotated[list[ImageDesc], msgspec.Meta(min_length=1)]
+    tile: Count | Literal["auto"] = "auto"
+    result: Literal["raw", "png", "jpg", "tif", "same"] = "raw"
+    progress: bool = True
+
+
+class JobRequest(Request, kw_only=True):
+    """A request about one job: its id and the secret token from ``accepted``."""
+
+    job: ShortText
+    token: ShortText
+
+
+class Upload(JobRequest, tag="upload", forbid_unknown_fields=True):
+    """The data of one image of an accepted submit: exactly one data frame follows."""
+
+    index: Count
+
+
+class Status(JobRequest, tag="status", forbid_unknown_fields=True):
+    """Where a job stands (its owner only)."""
+
+
+class Cancel(JobRequest, tag="cancel", forbid_unknown_fields=True):
+    """End a job now (its owner only)."""
+
+
+class Attach(JobRequest, tag="attach", forbid_unknown_fields=True):
+    """Make this connection the job's owner (after a reconnect) and receive what is left."""
+
+
+class Info(Request, tag="info", forbid_unknown_fields=True):
+    """Ranks, hosts, engines, versions, queue and limits of the server."""
+
+
+class Heartbeat(Request, tag="heartbeat", forbid_unknown_fields=True):
+    """I am still here; the server answers with a ``heartbeat``."""
+
+
+AnyRequest = Submit | Upload | Status | Cancel | Attach | Info | Heartbeat
+REQUEST_TYPES = tuple(t.__struct_config__.tag for t in AnyRequest.__args__)
+# Requests that carry data frames, and how many.
+DATA_FRAMES = {"upload": 1}
+
+
+class _Envelope(msgspec.Struct):
+    v: Any = None
+    type: Any = None
+    req: Any = None
+
+
+_envelope = msgspec.json.Decoder(_Envelope)
+_request = msgspec.json.Decoder(AnyRequest)
+
+
+def decode_request(frames: Sequence[bytes | memoryview]) -> tuple[AnyRequest, list]:
+    """The request in ``frames`` checked against its schema, and its data frames.
+
+    Raises ProtocolError with ``req`` in ``extra`` when it can be read, so that the error
+    reply still reaches the right request.
+    """
+    if not frames:
+        raise ProtocolError("malformed", "empty message")
+    if len(frames[0]) > HEADER_LIMIT:
+        raise ProtocolError("limit_exceeded", f"header frame over {HEADER_LIMIT} bytes")
+    envelope = _decode(_envelope, frames[0])
+    req = envelope.req if isinstance(envelope.req, str) and len(envelope.req) <= 64 else None
+    if envelope.v not in SUPPORTED_VERSIONS:
+        raise ProtocolError(
+            "unsupported_version",
+            f"protocol version {envelope.v!r} is not supported",
+            versions=list(SUPPORTED_VERSIONS),
+        )
+    if envelope.type not in REQUEST_TYPES:
+        raise ProtocolError(
+            "unknown_type",
+            f"unknown message type {envelope.type!r}; requests: {', '.join(REQUEST_TYPES)}",
+            req=req,
+        )
+    request = _decode(_request, frames[0], req)
+    data = list(frames[1:])
+    expected = DATA_FRAMES.get(envelope.type, 0)
+    if len(data) != expected:
+        raise ProtocolError(
+            "malformed", f"{envelope.type} takes {expected} data frames, got {len(data)}", req=req
+        )
+    return request, data
+
+
+def _decode(decoder: msgspec.json.Decoder, frame: bytes | memoryview, req: str | None = None):
+    try:
+        return decoder.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("malformed", f"invalid header: {exc}", req=req) from None
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("malformed", f"header frame is not JSON: {exc}", req=req) from None
+    except RecursionError:
+        raise ProtocolError("malformed", "header frame is nested too deeply", req=req) from None
+
+
+def check_image_desc(index: int, desc: ImageDesc) -> tuple[tuple[int, ...], str] | None:
+    """A raw descriptor's (shape, dtype), checked against its declared size; None for files."""
+    where = f"images[{index}]"
+    if desc.encoding == "file":
+        if desc.shape is not None or desc.dtype is not None:
+            raise ProtocolError("malformed", f"{where}: shape and dtype are for raw images only")
+        return None
+    if desc.shape is None or desc.dtype is None:
+        raise ProtocolError("malformed", f"{where}: a raw image needs shape and dtype")
+    if len(desc.shape) == 3 and desc.shape[2] not in (1, 3, 4):
+        raise ProtocolError("malformed", f"{where}: shape must be [h, w] or [h, w, 1|3|4]")
+    expected = math.prod(desc.shape) * np.dtype(desc.dtype).itemsize  # exact: Python ints
+    if expected != desc.size:
+        raise ProtocolError(
+            "malformed",
+            f"{where}: shape {desc.shape} of {desc.dtype} needs {expected} bytes, "
+            f"but size says {desc.size}",
+        )
+    return tuple(desc.shape), desc.dtype
+
+
+def pipeline_json(submit: Submit) -> list[Any]:
+    """The submit's pipeline as the plain JSON list :meth:`Pipeline.from_json` reads."""
+    return msgspec.to_builtins(submit.pipeline)
+
+
+def raw_pixels(data: bytes | memoryview, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """Raw pixels over a frame's buffer, without a copy when the buffer is aligned.
+
+    A frame's bytes may start at any address (ZeroMQ keeps small messages inside the message
+    struct); a 16-bit view of an odd address is legal NumPy but not every consumer takes it, so
+    an unaligned buffer is copied once into aligned memory.
+    """
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return array if array.flags.aligned else array.copy()
+
+
+# -- replies (server -> client) ----------------------------------------------------------
+# The server builds replies with ``pack``; these schemas are what it promises, checked by the
+# tests against every reply they receive and against docs/protocol.md.
+
+
+class Reply(msgspec.Struct, tag_field="type", kw_only=True, forbid_unknown_fields=True):
+    v: int
+    req: str | None = None
+
+
+class Accepted(Reply, tag="accepted"):
+    job: str
+    token: str
+    images: int
+
+
+class Progress(Reply, tag="progress"):
+    job: str
+    tiles_done: int
+    tiles_total: int
+    images_done: int
+    images_total: int
+
+
+class Result(Reply, tag="result"):
+    job: str
+    index: int
+    name: str
+    encoding: str
+    path: str
+    tiles: int
+    reason: str | None = None
+    shape: list[int] | None = None
+    dtype: str | None = None
+    written: str | None = None
+
+
+class ImageError(Reply, tag="image_error"):
+    job: str
+    index: int
+    name: str
+    code: str
+    message: str
+
+
+class Done(Reply, tag="done"):
+    job: str
+    state: str
+    ok: int
+    failed: int
+    cancelled: int
+    stats: dict[str, Any]
+    message: str | None = None
+
+
+class Error(Reply, tag="error"):
+    code: str
+    message: str
+    versions: list[int] | None = None
+    job: str | None = None
+
+
+class StatusReply(Reply, tag="status"):
+    job: str
+    state: str
+    images_done: int
+    images_total: int
+    tiles_done: int
+    tiles_total: int
+
+
+class Cancelled(Reply, tag="cancelled"):
+    job: str
+    state: str
+
+
+class Attached(Reply, tag="attached"):
+    job: str
+    state: str
+    images_done: int
+    images_total: int
+    tiles_done: int
+    tiles_total: int
+
+
+class InfoReply(Reply, tag="info"):
+    ranks: int
+    workers: int
+    hosts: dict[str, int]
+    engine: str
+    engines: list[dict[str, Any]]
+    workers_per_rank: int
+    tile: int | str
+    cutover_ms: float
+    inline_ms: float
+    client_timeout: float
+    heartbeat_s: float
+    versions: dict[str, str]
+    queue: dict[str, int]
+    limits: dict[str, int]
+    curve: bool
+
+
+class HeartbeatReply(Reply, tag="heartbeat"):
+    pass
+
+
+AnyReply = (
+    Accepted
+    | Progress
+    | Result
+    | ImageError
+    | Done
+    | Error
+    | StatusReply
+    | Cancelled
+    | Attached
+    | InfoReply
+    | HeartbeatReply
+)
+_reply = msgspec.json.Decoder(AnyReply)
+
+
+def decode_reply(frame: bytes | memoryview) -> AnyReply:
+    """A server message checked against its schema (the tests hold the server to it)."""
+    return _reply.decode(frame)
+
+
 def pack(kind: str, frames: Sequence[bytes | memoryview] = (), **fields: Any) -> list:
     """A message: the header (``v``, ``type`` and ``fields``) then the data frames."""
     header = {"v": VERSION, "type": kind, **{k: v for k, v in fields.items() if v is not None}}
-    return [json.dumps(header, separators=(",", ":")).encode(), *frames]
+    return [msgspec.json.encode(header), *frames]
 
 
 def unpack(frames: Sequence[bytes | memoryview]) -> tuple[dict[str, Any], list]:
-    """Split a received message into its header dict and data frames, checking the envelope."""
+    """Split a received reply into its header dict and data frames, checking the envelope."""
     if not frames:
         raise ProtocolError("malformed", "empty message")
     try:
-        header = json.loads(bytes(frames[0]))
-    except (UnicodeDecodeError, ValueError) as exc:
+        header = msgspec.json.decode(frames[0])
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise ProtocolError("malformed", f"header frame is not JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise ProtocolError("malformed", "header frame must be a JSON object")
-    version = header.get("v")
-    if version not in SUPPORTED_VERSIONS:
-        raise ProtocolError(
-            "unsupported_version",
-            f"protocol version {version!r} is not supported",
-            versions=list(SUPPORTED_VERSIONS),
-        )
-    if not isinstance(header.get("type"), str):
-        raise ProtocolError("malformed", "header needs a string field 'type'")
-    req = header.get("req")
-    if req is not None and (not isinstance(req, str) or len(req) > 64):
-        raise ProtocolError("malformed", "'req' must be a string of at most 64 characters")
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise ProtocolError("malformed", "header frame must be a JSON object with a 'type'")
+    if header.get("v") not in SUPPORTED_VERSIONS:
+        raise ProtocolError("unsupported_version", f"protocol version {header.get('v')!r}")
     return header, list(frames[1:])
-
-
-@dataclass(frozen=True)
-class ImageFrame:
-    """One image of a submit: its name and either encoded file bytes or raw pixels."""
-
-    name: str
-    data: bytes | memoryview
-    shape: tuple[int, ...] | None = None  # raw only
-    dtype: str | None = None  # raw only
-
-    @property
-    def raw(self) -> bool:
-        return self.shape is not None
-
-    def pixels(self) -> np.ndarray:
-        """The raw pixels as an array over the frame's buffer (no copy)."""
-        assert self.shape is not None and self.dtype is not None
-        return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape)
-
-
-def _raw_descriptor(index: int, desc: dict[str, Any], size: int) -> tuple[tuple[int, ...], str]:
-    shape, dtype = desc.get("shape"), desc.get("dtype")
-    where = f"images[{index}]"
-    if dtype not in RAW_DTYPES:
-        raise ProtocolError("malformed", f"{where}: dtype must be one of {RAW_DTYPES}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) not in (2, 3)
-        or not all(isinstance(n, int) and n > 0 for n in shape)
-        or (len(shape) == 3 and shape[2] not in (1, 3, 4))
-    ):
-        raise ProtocolError("malformed", f"{where}: shape must be [h, w] or [h, w, 1|3|4]")
-    expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if expected != size:
-        raise ProtocolError(
-            "malformed", f"{where}: shape {shape} of {dtype} needs {expected} bytes, got {size}"
-        )
-    return tuple(shape), dtype
-
-
-def parse_images(header: dict[str, Any], frames: Sequence[bytes | memoryview]) -> list[ImageFrame]:
-    """Check a submit's image descriptors against its data frames."""
-    descs = header.get("images")
-    if not isinstance(descs, list) or not descs:
-        raise ProtocolError("malformed", "submit needs a non-empty list 'images'")
-    if len(descs) > MAX_IMAGES_PER_REQUEST:
-        raise ProtocolError(
-            "limit_exceeded",
-            f"{len(descs)} images in one request; at most {MAX_IMAGES_PER_REQUEST}",
-        )
-    if len(descs) != len(frames):
-        raise ProtocolError(
-            "malformed", f"{len(descs)} image descriptors but {len(frames)} data frames"
-        )
-    images = []
-    for i, (desc, data) in enumerate(zip(descs, frames)):
-        if not isinstance(desc, dict) or not isinstance(desc.get("name", ""), str):
-            raise ProtocolError("malformed", f"images[{i}] must be an object with a string name")
-        name = desc.get("name") or f"image{i}"
-        encoding = desc.get("encoding", "file")
-        if encoding == "file":
-            images.append(ImageFrame(name, data))
-        elif encoding == "raw":
-            shape, dtype = _raw_descriptor(i, desc, len(data))
-            images.append(ImageFrame(name, data, shape, dtype))
-        else:
-            raise ProtocolError("malformed", f"images[{i}]: encoding must be 'file' or 'raw'")
-    return images
-
-
-def parse_tile(value: Any) -> int | str:
-    """``tile`` of a submit: a non-negative int or ``"auto"``."""
-    if value is None or value == "auto":
-        return "auto"
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ProtocolError(
-            "invalid_parameter", f"tile must be 'auto' or an integer >= 0, got {value!r}"
-        )
-    return value
-
-
-def parse_result_encoding(value: Any) -> str:
-    """``result`` of a submit: ``raw`` or an image encoding."""
-    value = "raw" if value is None else value
-    if value not in RESULT_ENCODINGS:
-        raise ProtocolError(
-            "invalid_parameter",
-            f"result must be one of {', '.join(RESULT_ENCODINGS)}; got {value!r}",
-        )
-    return value
 
 
 def raw_fields(image: np.ndarray) -> dict[str, Any]:

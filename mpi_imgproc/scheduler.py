@@ -24,9 +24,16 @@ import numpy as np
 
 from .errors import describe, error_code
 from .imageio import encode
-from .imagetask import ENCODED, PATH, PIXELS, as_buffer, check_pixel_limit
+from .imagetask import ENCODED, PATH, PIXELS, as_buffer
 from .pipeline import Pipeline, ReduceStage, Stage
-from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, ImageSource, Plan, plan_image
+from .planner import (
+    DEFAULT_CUTOVER_S,
+    DEFAULT_INLINE_S,
+    ImageSource,
+    Plan,
+    bound_tiles,
+    plan_image,
+)
 from .tiling import Merger, Tile, split_with_halo
 
 # Where a job's time goes, summed over its images and tasks (seconds).  Rank 0 measures decode
@@ -96,6 +103,7 @@ class ImageWork:
     tiles_used: int = 0
     started_at: float = 0.0
     finished: bool = False
+    uploaded: bool = True  # False until a client's upload of it arrives (server jobs)
 
     @property
     def name(self) -> str:
@@ -308,6 +316,8 @@ class Scheduler:
         """Start images in order until one yields a task (a bad image yields none)."""
         while job.next_image < len(job.images) and not job.ready and job.active:
             image = job.images[job.next_image]
+            if not image.uploaded:
+                return  # images start in order; this one's data has not arrived yet
             job.next_image += 1
             image.started_at = time.perf_counter()
             if job.started is None:
@@ -344,8 +354,11 @@ class Scheduler:
             return
         started = time.perf_counter()
         try:
+            shape = image.source.probe()  # from the file's header: refuse before decoding
+            if shape is not None:
+                job.pipeline.check_pixel_limit(shape[:2], self.max_pixels)
             pixels = image.source.decode()
-            check_pixel_limit(pixels.shape, self.max_pixels)
+            job.pipeline.check_pixel_limit(pixels.shape, self.max_pixels)
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
             self._fail_image(image, error_code(exc), describe(exc))
             return
@@ -353,6 +366,7 @@ class Scheduler:
             job.times["decode"] += time.perf_counter() - started
         image.source.pixels = image.source.data = None  # the decoded copy is the one we keep
         image.pixels = pixels
+        image.plan = bound_tiles(image.plan, *pixels.shape[:2], job.pipeline.halo)
         image.stages = list(job.pipeline.stages)
         self._start_stage(image)
 
@@ -493,6 +507,11 @@ class Scheduler:
             job.ok += 1
             job.paths[image.path] = job.paths.get(image.path, 0) + 1
         self._image_finished(job)
+
+    def fail_image(self, image: ImageWork, code: str, message: str) -> None:
+        """Report one image as failed (a front that found its data bad); the job goes on."""
+        if image.job.active and not image.finished:
+            self._fail_image(image, code, message)
 
     def _fail_image(self, image: ImageWork, code: str, message: str) -> None:
         job = image.job

@@ -13,16 +13,21 @@ other ranks waiting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
-import itertools
+import io
+import ipaddress
 import os
+import re
 import secrets
 import signal
 import socket
 import sys
 import time
+import traceback
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,23 +37,31 @@ import zmq
 from mpi4py import MPI
 
 from . import __version__
-from .errors import ImgprocError
+from .errors import ImgprocError, describe
 from .local_engines import ENGINES, default_workers, get_engine
 from .mpi_transport import Backoff, run_or_abort
 from .pipeline import Pipeline
-from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, ImageSource
+from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, MAX_TILES_PER_IMAGE, ImageSource
 from .protocol import (
-    REQUEST_TYPES,
+    HEADER_LIMIT,
+    MAX_IMAGES_PER_REQUEST,
     VERSION,
-    ImageFrame,
+    Attach,
+    Cancel,
+    Heartbeat,
+    ImageDesc,
+    Info,
     ProtocolError,
+    Status,
+    Submit,
+    Upload,
+    check_image_desc,
+    decode_request,
     pack,
-    parse_images,
-    parse_result_encoding,
-    parse_tile,
+    pipeline_json,
     raw_fields,
+    raw_pixels,
     tile_arg,
-    unpack,
 )
 from .scheduler import (
     Backend,
@@ -64,6 +77,12 @@ DEFAULT_BIND = "tcp://127.0.0.1:5555"
 PROGRESS_INTERVAL = 0.05  # seconds between progress messages of one job
 FINISHED_JOBS_KEPT = 1000
 OUTBOX_BLOCK = 16  # replies waiting for one client before its tiles are held back
+OUTBOX_LIMIT = 256  # replies waiting for one client before its direct replies are dropped
+RCVHWM = 100  # requests queued per client connection in ZeroMQ before it stops reading
+# ZeroMQ-level heartbeats: libzmq's I/O thread answers them even while rank 0 computes, so a
+# dead peer (either side) is noticed within the timeout whatever the application is doing.
+ZMTP_HEARTBEAT_MS, ZMTP_TIMEOUT_MS = 2000, 10000
+_BIND = re.compile(r"^(tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\*|\d{1,5})|ipc://\S+)$")
 
 
 class Options(argparse.Namespace):
@@ -74,14 +93,35 @@ class Options(argparse.Namespace):
     max_request_mb: float
     max_pixels: int
     curve_keys: str | None
+    insecure: bool
     client_timeout: float
     in_flight: int | None
     cutover_ms: float
     inline_ms: float
 
 
+def _number(kind: type, minimum: float, strict: bool = False):
+    """An argparse type: a ``kind`` number at least (or, ``strict``, above) ``minimum``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {minimum:g}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Options:
-    """The server's command line."""
+    """The server's command line; every value is checked here (exit 2 with one line)."""
     parser = argparse.ArgumentParser(
         prog="mpiexec -n N python -m mpi_imgproc.server",
         description="Serve image jobs on rank 0 and process their tiles on every other rank.",
@@ -90,20 +130,68 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     add_cluster_options(parser)
     parser.add_argument(
         "--inline-ms",
-        type=float,
+        type=_number(float, 0),
         default=DEFAULT_INLINE_S * 1e3,
         help="raw-pixel images cheaper than this (and than moving them) run on rank 0; 0: never",
     )
-    parser.add_argument("--max-request-mb", type=float, default=1024.0, help="request size limit")
-    parser.add_argument("--max-pixels", type=int, default=400_000_000, help="pixels per image")
+    parser.add_argument(
+        "--max-request-mb",
+        type=_number(float, 0, strict=True),
+        default=1024.0,
+        help="bytes of image data one submit may declare (MiB)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_number(int, 1),
+        default=400_000_000,
+        help="pixels per image, input and every op's output",
+    )
     parser.add_argument("--curve-keys", metavar="DIR", help="enable CURVE with keys from DIR")
     parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow --bind beyond loopback without --curve-keys (anyone reaching it may submit)",
+    )
+    parser.add_argument(
         "--client-timeout",
-        type=float,
+        type=_number(float, 1),
         default=30.0,
         help="seconds of client silence before its jobs are cancelled",
     )
-    return parser.parse_args(argv, namespace=Options())
+    options = parser.parse_args(argv, namespace=Options())
+    problem = _bind_problem(options)
+    if problem:
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
+    return options
+
+
+def _bind_problem(options: Options) -> str | None:
+    """Why ``--bind`` cannot be used as given, or None."""
+    match = _BIND.match(options.bind)
+    if not match:
+        return (
+            f"--bind {options.bind!r} is not an endpoint; expected tcp://HOST:PORT "
+            "(PORT may be *) or ipc://PATH"
+        )
+    if match.group(3) and match.group(3) != "*" and not 0 < int(match.group(3)) < 65536:
+        return f"--bind {options.bind!r}: port must be 1-65535"
+    host = match.group(2)
+    if host is None or options.curve_keys or options.insecure or _is_loopback(host):
+        return None
+    return (
+        f"--bind {options.bind} listens beyond this machine without --curve-keys, so anyone "
+        "who can reach it could submit jobs; give --curve-keys DIR (made by `mpi-imgproc "
+        "keys DIR`), or --insecure if the network is trusted"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host or interface name: it may reach beyond this machine
 
 
 def add_cluster_options(parser: argparse.ArgumentParser) -> None:
@@ -111,15 +199,17 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="threads", help="engine per rank")
     parser.add_argument(
         "--workers-per-rank",
-        type=int,
+        type=_number(int, 1),
         default=None,
         help="engine workers per rank (default: this node's cores / its worker ranks)",
     )
     parser.add_argument("--tile", type=tile_arg, default="auto", help="tile size, 0 or auto")
-    parser.add_argument("--in-flight", type=int, default=None, help="tasks in flight per worker")
+    parser.add_argument(
+        "--in-flight", type=_number(int, 1), default=None, help="tasks in flight per worker"
+    )
     parser.add_argument(
         "--cutover-ms",
-        type=float,
+        type=_number(float, 0),
         default=DEFAULT_CUTOVER_S * 1e3,
         help="with --tile auto: images estimated to take less compute go to a worker whole",
     )
@@ -177,14 +267,14 @@ class ClientReplies(JobListener):
 
     def progress(self, job: Job, image_finished: bool) -> None:
         now = time.perf_counter()
-        if not self.wants_progress:
-            return
+        if not self.wants_progress or self.blocked(job):
+            return  # progress is advisory: never queue it for a client that is not reading
         if not image_finished and now - self.last_progress < PROGRESS_INTERVAL:
             return
         self.last_progress = now
         fields = job.summary()
         fields.pop("state")
-        self.server.reply(job.owner, pack("progress", **fields))
+        self.server.reply(job.owner, pack("progress", **fields), job.id)
 
     def image_done(self, job: Job, image: ImageWork, result: ImageResult) -> bool:
         fields: dict[str, Any] = {"job": job.id, "index": image.index, "name": image.name}
@@ -204,20 +294,35 @@ class ClientReplies(JobListener):
                 return False
             finally:
                 job.times["encode"] += time.perf_counter() - started
-        self.server.reply(job.owner, pack("result", [data], **fields))
+        self.server.reply(job.owner, pack("result", [data], **fields), job.id)
         return True
 
     def image_failed(self, job: Job, image: ImageWork, code: str, message: str) -> None:
         fields = {"job": job.id, "index": image.index, "name": image.name}
-        self.server.reply(job.owner, pack("image_error", code=code, message=message, **fields))
+        self.server.reply(
+            job.owner, pack("image_error", code=code, message=message, **fields), job.id
+        )
 
     def finished(self, job: Job) -> None:
         fields = {"job": job.id, "state": job.state, "ok": job.ok, "failed": job.failed}
-        self.server.reply(job.owner, pack("done", stats=job.stats(), message=job.message, **fields))
+        fields["cancelled"] = len(job.images) - job.ok - job.failed
+        done = pack("done", stats=job.stats(), message=job.message, **fields)
+        self.server.reply(job.owner, done, job.id)
         self.server.retire(job)
 
     def blocked(self, job: Job) -> bool:
-        return len(self.server.outbox.get(job.owner, ())) >= OUTBOX_BLOCK
+        return self.server.backlogged(job.owner)
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """Who owns a job: the secret token sent in ``accepted``, and the CURVE key if CURVE is on."""
+
+    token: str
+    user: str | None
+
+    def admits(self, token: str, user: str | None) -> bool:
+        return secrets.compare_digest(self.token, token) and self.user == user
 
 
 class Server:
@@ -229,37 +334,48 @@ class Server:
         self.options = options
         self.info_fields = info
         self.max_request = int(options.max_request_mb * 2**20)
-        self.outbox: dict[bytes, deque[list]] = {}
+        self.outbox: dict[bytes, deque[tuple[str | None, list]]] = {}
+        self.unreachable: set[bytes] = set()  # connections gone; their outbox waits for attach
         self.last_seen: dict[bytes, float] = {}
+        self.tickets: dict[str, Ticket] = {}
+        self.uploads: dict[str, list[ImageDesc]] = {}  # declared images of jobs still uploading
         self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self.job_numbers = itertools.count(1)
+        self.dropped_replies = 0
         self.stopping = False
 
     # -- the loop --------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Serve until SIGTERM or SIGINT, then end every job and stop the workers."""
+        """Serve until SIGTERM or SIGINT, then end every job and stop the workers.
+
+        A fault of the loop itself (a bug, never a client's doing: those end in ``_handle``)
+        is logged, told to every client, and raised, so that the MPI job ends non-zero.
+        """
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         backoff = Backoff(floor=20e-6, ceiling=1e-3)
         next_check = 0.0
-        while not self.stopping:
-            # Idle: sleep in ZeroMQ's poll, woken at once by a client.  Busy: poll ZeroMQ
-            # without waiting and sleep in short steps, so that MPI (whose large transfers
-            # advance only while rank 0 calls into MPI) keeps moving.
-            busy = self.scheduler.busy or bool(self.outbox)
-            handled = bool(poller.poll(0 if busy else 100)) and self._read_requests()
-            progressed = self.scheduler.step() or handled
-            progressed = self._flush() or progressed
-            if progressed:
-                backoff.reset()
-            elif busy:
-                backoff.sleep()
-            if time.monotonic() >= next_check:
-                self._drop_silent_clients()
-                next_check = time.monotonic() + 1.0
+        try:
+            while not self.stopping:
+                # Idle: sleep in ZeroMQ's poll, woken at once by a client.  Busy: poll ZeroMQ
+                # without waiting and sleep in short steps, so that MPI (whose large transfers
+                # advance only while rank 0 calls into MPI) keeps moving.
+                busy = self.scheduler.busy or bool(self.outbox)
+                handled = bool(poller.poll(0 if busy else 100)) and self._read_requests()
+                progressed = self.scheduler.step() or handled
+                progressed = self._flush() or progressed
+                if progressed:
+                    backoff.reset()
+                elif busy:
+                    backoff.sleep()
+                if time.monotonic() >= next_check:
+                    self._drop_silent_clients()
+                    next_check = time.monotonic() + 1.0
+        except Exception as exc:
+            self._fail_everyone(exc)
+            raise
         self.shutdown()
 
     def _stop(self, signum: int, frame: Any) -> None:
@@ -269,12 +385,29 @@ class Server:
         """End unfinished jobs with an error to their clients, then stop every rank."""
         for job in list(self.scheduler.jobs.values()):
             self.scheduler.cancel(job, "the server is shutting down", state="failed")
-        deadline = time.perf_counter() + 1.0
-        while self.outbox and time.perf_counter() < deadline:
-            if not self._flush():
-                time.sleep(0.01)
+        self._flush_for(1.0)
         self.scheduler.backend.close(deadline=time.perf_counter() + 7.0)
         self.sock.close(linger=500)
+
+    def _fail_everyone(self, exc: BaseException) -> None:
+        """The loop failed: log why, fail every job and tell every client we know of."""
+        print("mpi_imgproc server: internal failure, stopping", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        why = f"the server failed and is stopping ({describe(exc)})"
+        try:
+            for job in list(self.scheduler.jobs.values()):
+                self.scheduler.cancel(job, why, state="failed")
+            for identity in set(self.last_seen) - self.unreachable:
+                self.reply(identity, pack("error", code="server_failed", message=why))
+            self._flush_for(1.0)
+        except Exception:  # noqa: BLE001 - the original fault is what matters
+            traceback.print_exc()
+
+    def _flush_for(self, seconds: float) -> None:
+        deadline = time.perf_counter() + seconds
+        while self.outbox.keys() - self.unreachable and time.perf_counter() < deadline:
+            if not self._flush():
+                time.sleep(0.01)
 
     # -- requests -------------------------------------------------------------------------
 
@@ -287,103 +420,172 @@ class Server:
                 return count > 0
             identity, body = frames[0].bytes, [f.buffer for f in frames[1:]]
             self.last_seen[identity] = time.monotonic()
-            self._handle(identity, body)
+            self.unreachable.discard(identity)
+            user = _curve_user(frames[1]) if self.options.curve_keys and len(frames) > 1 else None
+            self._handle(identity, user, body)
         return True
 
-    def _handle(self, identity: bytes, body: list[memoryview]) -> None:
+    def _handle(self, identity: bytes, user: str | None, body: list[memoryview]) -> None:
+        """Answer one request.  Whatever goes wrong becomes an ``error`` to this client: the
+        server keeps serving everyone else."""
         req = None
         try:
-            header, data = unpack(body)
-            req = header.get("req")
-            if header["type"] not in REQUEST_TYPES:
-                raise ProtocolError("unknown_type", f"unknown message type {header['type']!r}")
-            getattr(self, f"_on_{header['type']}")(identity, header, data)
+            request, data = decode_request(body)
+            req = request.req
+            handler = getattr(self, f"_on_{type(request).__struct_config__.tag}")
+            handler(identity, user, request, data)
         except ProtocolError as exc:
-            self.reply(
-                identity, pack("error", req=req, code=exc.code, message=str(exc), **exc.extra)
-            )
+            extra = {"req": req, **exc.extra}
+            self.reply(identity, pack("error", code=exc.code, message=str(exc), **extra))
         except ImgprocError as exc:
             self.reply(identity, pack("error", req=req, code=exc.code, message=str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one request, not the server
+            print("mpi_imgproc server: internal error in a request", file=sys.stderr)
+            traceback.print_exc()
+            self.reply(identity, pack("error", req=req, code="internal", message=describe(exc)))
 
-    def _on_submit(self, identity: bytes, header: dict, data: list[memoryview]) -> None:
+    def _on_submit(self, identity: bytes, user: str | None, msg: Submit, data: list) -> None:
         if self.stopping:
             raise ProtocolError("shutting_down", "the server is shutting down")
-        size = sum(len(d) for d in data)
+        if len(msg.images) > MAX_IMAGES_PER_REQUEST:
+            raise ProtocolError(
+                "limit_exceeded",
+                f"{len(msg.images)} images in one request; at most {MAX_IMAGES_PER_REQUEST}",
+            )
+        for i, desc in enumerate(msg.images):
+            check_image_desc(i, desc)
+        size = sum(d.size for d in msg.images)
         if size > self.max_request:
             raise ProtocolError(
                 "limit_exceeded",
                 f"request of {size} bytes is over the limit of {self.max_request} bytes "
                 "(--max-request-mb)",
             )
-        pipeline = Pipeline.from_json(header.get("pipeline"))
-        tile = parse_tile(header.get("tile", self.options.tile))
-        if tile == "auto":
-            tile = self.options.tile
-        encoding = parse_result_encoding(header.get("result"))
-        images = parse_images(header, data)
-        job_id = f"j{next(self.job_numbers)}-{secrets.token_hex(3)}"
-        output = "pixels" if encoding == "raw" else encoding
-        replies = ClientReplies(self, progress=header.get("progress", True) is not False)
+        pipeline = Pipeline.from_json(pipeline_json(msg))
+        tile = self.options.tile if msg.tile == "auto" else msg.tile
+        job_id, token = f"j{secrets.token_urlsafe(16)}", secrets.token_urlsafe(16)
+        output = "pixels" if msg.result == "raw" else msg.result
+        replies = ClientReplies(self, progress=msg.progress)
         job = Job(job_id, pipeline, tile, replies, owner=identity, output=output)
-        job.images = [ImageWork(job, i, _source(f)) for i, f in enumerate(images)]
-        self.reply(
-            identity, pack("accepted", req=header.get("req"), job=job_id, images=len(images))
-        )
+        job.images = [
+            ImageWork(job, i, ImageSource(d.name or f"image{i}"), uploaded=False)
+            for i, d in enumerate(msg.images)
+        ]
+        self.tickets[job_id] = Ticket(token, user)
+        self.uploads[job_id] = list(msg.images)
+        fields = {"job": job_id, "token": token, "images": len(msg.images)}
+        self.reply(identity, pack("accepted", req=msg.req, **fields))
         self.scheduler.add(job)
 
-    def _job(self, header: dict) -> Job | dict[str, Any]:
-        job_id = header.get("job")
-        if job_id in self.scheduler.jobs:
-            return self.scheduler.jobs[job_id]
-        if job_id in self.finished:
-            return self.finished[job_id]
-        raise ProtocolError("unknown_job", f"no job {job_id!r} on this server")
+    def _on_upload(self, identity: bytes, user: str | None, msg: Upload, data: list) -> None:
+        job = self._owned(msg.job, msg.token, user)
+        declared = self.uploads.get(msg.job)
+        if not isinstance(job, Job) or declared is None:
+            return  # the job has ended (cancelled, failed): its late uploads are dropped
+        if msg.index >= len(declared):
+            raise ProtocolError(
+                "malformed", f"upload index {msg.index}: the job has {len(declared)} images"
+            )
+        image, desc, frame = job.images[msg.index], declared[msg.index], data[0]
+        if image.uploaded:
+            raise ProtocolError(
+                "malformed", f"image {msg.index} of job {job.id} was already uploaded"
+            )
+        image.uploaded = True
+        if len(frame) != desc.size:
+            why = f"upload of {len(frame)} bytes, but the submit declared {desc.size}"
+            self.scheduler.fail_image(image, "malformed", why)
+        elif desc.encoding == "raw":
+            image.source.pixels = raw_pixels(frame, tuple(desc.shape), desc.dtype)
+        else:
+            image.source.data = frame
+        if all(i.uploaded for i in job.images):
+            del self.uploads[job.id]
 
-    def _on_status(self, identity: bytes, header: dict, data: list) -> None:
-        job = self._job(header)
+    def _owned(self, job_id: str, token: str, user: str | None) -> Job | dict[str, Any]:
+        """The job (or a finished job's summary) if this client owns it; else ``unknown_job``,
+        the same answer as for a job that does not exist, so ids cannot be probed."""
+        ticket = self.tickets.get(job_id)
+        if ticket is None or not ticket.admits(token, user):
+            raise ProtocolError("unknown_job", f"no job {job_id!r} of yours on this server")
+        return self.scheduler.jobs.get(job_id) or self.finished[job_id]
+
+    def _on_status(self, identity: bytes, user: str | None, msg: Status, data: list) -> None:
+        job = self._owned(msg.job, msg.token, user)
         summary = job.summary() if isinstance(job, Job) else job
-        self.reply(identity, pack("status", req=header.get("req"), **summary))
+        self.reply(identity, pack("status", req=msg.req, **summary))
 
-    def _on_cancel(self, identity: bytes, header: dict, data: list) -> None:
-        job = self._job(header)
+    def _on_cancel(self, identity: bytes, user: str | None, msg: Cancel, data: list) -> None:
+        job = self._owned(msg.job, msg.token, user)
         if isinstance(job, Job):
             self.scheduler.cancel(job, "cancelled by request")
             job = self.finished.get(job.id, job.summary())
-        self.reply(
-            identity, pack("cancelled", req=header.get("req"), job=job["job"], state=job["state"])
-        )
+        self.reply(identity, pack("cancelled", req=msg.req, job=job["job"], state=job["state"]))
 
-    def _on_info(self, identity: bytes, header: dict, data: list) -> None:
+    def _on_attach(self, identity: bytes, user: str | None, msg: Attach, data: list) -> None:
+        """Move a job (and its undelivered messages) to this connection."""
+        job = self._owned(msg.job, msg.token, user)
+        summary = job.summary() if isinstance(job, Job) else job
+        self.reply(identity, pack("attached", req=msg.req, **summary))
+        if isinstance(job, Job):
+            job.owner = identity
+        for old in list(self.outbox):
+            if old == identity:
+                continue
+            queue = self.outbox[old]
+            mine = [m for m in queue if m[0] == msg.job]
+            if mine:
+                self.outbox[old] = deque(m for m in queue if m[0] != msg.job)
+                self.outbox.setdefault(identity, deque()).extend(mine)
+                if not self.outbox[old]:
+                    del self.outbox[old]
+
+    def _on_info(self, identity: bytes, user: str | None, msg: Info, data: list) -> None:
         queue = {
             "jobs": sum(1 for j in self.scheduler.jobs.values() if j.active),
             "tasks_queued": sum(len(j.ready) for j in self.scheduler.jobs.values()),
             "tasks_in_flight": len(self.scheduler.running),
         }
-        self.reply(identity, pack("info", req=header.get("req"), queue=queue, **self.info_fields))
+        self.reply(identity, pack("info", req=msg.req, queue=queue, **self.info_fields))
 
-    def _on_heartbeat(self, identity: bytes, header: dict, data: list) -> None:
-        self.reply(identity, pack("heartbeat", req=header.get("req")))
+    def _on_heartbeat(self, identity: bytes, user: str | None, msg: Heartbeat, data: list) -> None:
+        self.reply(identity, pack("heartbeat", req=msg.req))
 
     # -- replies and clients ---------------------------------------------------------------
 
-    def reply(self, identity: bytes | None, frames: list) -> None:
-        """Queue a message for a client; ``_flush`` sends it without ever blocking."""
-        if identity is not None:
-            self.outbox.setdefault(identity, deque()).append(frames)
+    def reply(self, identity: bytes | None, frames: list, job_id: str | None = None) -> None:
+        """Queue a message for a client; ``_flush`` sends it without ever blocking.
+
+        A job's messages are bounded by back-pressure (``backlogged`` holds its tiles); direct
+        replies to a client that does not read are dropped past ``OUTBOX_LIMIT``.
+        """
+        if identity is None:
+            return
+        queue = self.outbox.setdefault(identity, deque())
+        if job_id is None and len(queue) >= OUTBOX_LIMIT:
+            self.dropped_replies += 1
+            return
+        queue.append((job_id, frames))
+
+    def backlogged(self, identity: bytes | None) -> bool:
+        """True while a client's replies are piling up (or its connection is gone)."""
+        return identity in self.unreachable or len(self.outbox.get(identity, ())) >= OUTBOX_BLOCK
 
     def _flush(self) -> bool:
         sent = False
-        for identity in list(self.outbox):
+        for identity in list(self.outbox.keys() - self.unreachable):
             queue = self.outbox[identity]
             while queue:
                 try:
-                    self.sock.send_multipart([identity, *queue[0]], zmq.NOBLOCK, copy=False)
+                    self.sock.send_multipart([identity, *queue[0][1]], zmq.NOBLOCK, copy=False)
                 except zmq.Again:  # the client's pipe is full: keep the rest for later
                     break
                 except zmq.ZMQError as exc:
                     if exc.errno != errno.EHOSTUNREACH:
                         raise
-                    self._client_gone(identity, "the client disconnected")
+                    # Gone: keep what is undelivered for a reconnect (``attach``) until the
+                    # client's silence passes --client-timeout.
+                    self.unreachable.add(identity)
                     break
                 queue.popleft()
                 sent = True
@@ -391,118 +593,158 @@ class Server:
                 self.outbox.pop(identity, None)
         return sent
 
-    def _client_gone(self, identity: bytes, why: str, reachable: bool = False) -> None:
-        """Cancel a client's jobs and free their memory.  A silent client (``reachable``) is
-        still told, in each job's ``done``; one whose connection is gone cannot be."""
-        if not reachable:
-            self.outbox.pop(identity, None)
-        self.last_seen.pop(identity, None)
-        for job in list(self.scheduler.jobs.values()):
-            if job.owner == identity and job.active:
-                if not reachable:
-                    job.owner = None  # nobody to tell
-                self.scheduler.cancel(job, why)
-
     def _drop_silent_clients(self) -> None:
-        """Cancel the jobs of clients silent for longer than ``--client-timeout``; forget
-        clients with nothing running."""
+        """Cancel the jobs of clients silent for longer than ``--client-timeout`` (a silent
+        client that can still be reached is told, in each job's ``done``) and forget them."""
         limit = time.monotonic() - self.options.client_timeout
-        owners = {j.owner for j in self.scheduler.jobs.values() if j.active and j.owner}
         for identity, seen in list(self.last_seen.items()):
             if seen >= limit:
                 continue
-            if identity in owners:
-                why = f"no word from the client for {self.options.client_timeout:g} s"
-                self._client_gone(identity, why, reachable=True)
-            else:
-                del self.last_seen[identity]
+            why = f"no word from the client for {self.options.client_timeout:g} s"
+            for job in list(self.scheduler.jobs.values()):
+                if job.owner == identity and job.active:
+                    self.scheduler.cancel(job, why)
+            self._flush()
+            self.outbox.pop(identity, None)
+            self.unreachable.discard(identity)
+            del self.last_seen[identity]
 
     def retire(self, job: Job) -> None:
         """Keep a finished job's summary for ``status``; free everything else."""
         self.scheduler.forget(job.id)
+        self.uploads.pop(job.id, None)
         self.finished[job.id] = job.summary()
         while len(self.finished) > FINISHED_JOBS_KEPT:
-            self.finished.popitem(last=False)
+            old, _ = self.finished.popitem(last=False)
+            self.tickets.pop(old, None)
 
 
-def _source(frame: ImageFrame) -> ImageSource:
-    """An image of a request; decoded when its turn comes (by a worker, if it goes whole)."""
-    if frame.raw:
-        return ImageSource(frame.name, pixels=frame.pixels())
-    return ImageSource(frame.name, data=frame.data)
+def _curve_user(frame: zmq.Frame) -> str | None:
+    """The CURVE public key (Z85) the ZAP handler authenticated this message's sender with."""
+    try:
+        return frame.get("User-Id") or None
+    except zmq.ZMQError:
+        return None
 
 
-def bind_socket(ctx: zmq.Context, options: Options) -> tuple[zmq.Socket, Any]:
-    """The ROUTER socket, with CURVE when ``--curve-keys`` is given; and the authenticator."""
+@dataclass
+class Front:
+    """Rank 0's ZeroMQ side: the context, the ROUTER socket and the CURVE authenticator."""
+
+    ctx: zmq.Context
+    sock: zmq.Socket
+    auth: Any = None
+
+    @property
+    def address(self) -> str:
+        return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def close(self) -> None:
+        """Stop the authenticator and close every socket (``term`` alone would wait forever
+        on a socket left open)."""
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.destroy(linger=500)
+
+
+def open_front(options: Options) -> Front | str:
+    """Bind the ROUTER socket (with CURVE when ``--curve-keys`` is given); or say why not,
+    in one line, so that the server can stop before any cluster work."""
+    ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.SNDHWM, 1000)
-    sock.setsockopt(zmq.RCVHWM, 1000)
-    sock.setsockopt(zmq.MAXMSGSIZE, int(options.max_request_mb * 2**20) + 2**20)
-    auth = None
-    if options.curve_keys:
-        from zmq.auth import load_certificate
-        from zmq.auth.thread import ThreadAuthenticator
+    front = Front(ctx, sock)
+    try:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        # A frame larger than any valid one closes the sender's connection before libzmq
+        # allocates it.  (Frames of one multipart message are all buffered before the first is
+        # readable, which is why image data comes in ``upload`` messages of one frame each.)
+        max_frame = max(int(options.max_request_mb * 2**20), HEADER_LIMIT) + 2**16
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
+        if options.curve_keys:
+            front.auth = _start_curve(ctx, sock, Path(options.curve_keys))
+        sock.bind(options.bind)
+    except (zmq.ZMQError, OSError, ValueError) as exc:
+        front.close()
+        return f"cannot serve on {options.bind}: {exc}"
+    except ImgprocError as exc:
+        front.close()
+        return str(exc)
+    return front
 
-        keys = Path(options.curve_keys)
-        public, secret = load_certificate(keys / "server.key_secret")
-        auth = ThreadAuthenticator(ctx)
-        auth.start()
-        auth.configure_curve(domain="*", location=str(keys / "clients"))
-        sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
-    sock.bind(options.bind)
-    return sock, auth
+
+def _start_curve(ctx: zmq.Context, sock: zmq.Socket, keys: Path) -> Any:
+    from zmq.auth import load_certificate
+    from zmq.auth.thread import ThreadAuthenticator
+
+    secret_file, clients = keys / "server.key_secret", keys / "clients"
+    if not secret_file.is_file():
+        raise ImgprocError(
+            f"--curve-keys {keys}: no {secret_file.name} (make keys with `mpi-imgproc keys {keys}`)"
+        )
+    if not clients.is_dir() or not any(clients.glob("*.key")):
+        raise ImgprocError(f"--curve-keys {keys}: no allowed client keys in {clients}/*.key")
+    public, secret = load_certificate(secret_file)
+    if secret is None:
+        raise ImgprocError(f"--curve-keys {keys}: {secret_file} holds no secret key")
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(clients))
+    sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+    return auth
 
 
-def run_rank0(comm: MPI.Comm, options: Options) -> None:
-    """Set up the backend and the socket, announce, serve."""
+def run_rank0(comm: MPI.Comm, options: Options, front: Front) -> None:
+    """Set up the backend, announce, serve."""
     from .backends import LocalBackend
 
     size = comm.Get_size()
-    backend, per_rank, hosts, engines = make_backend(comm, options)
-    ctx = zmq.Context()
-    sock, auth = bind_socket(ctx, options)
-    address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    host_counts: dict[str, int] = {}
-    for host in hosts:
-        host_counts[host] = host_counts.get(host, 0) + 1
-    info = {
-        "ranks": size,
-        "workers": max(1, size - 1),
-        "hosts": host_counts,
-        "engine": options.engine,
-        "engines": engines,
-        "workers_per_rank": per_rank,
-        "tile": options.tile,
-        "cutover_ms": options.cutover_ms,
-        "inline_ms": options.inline_ms,
-        "client_timeout": options.client_timeout,
-        "versions": versions(),
-        "limits": {
-            "max_request_bytes": int(options.max_request_mb * 2**20),
-            "max_pixels": options.max_pixels,
-        },
-        "curve": bool(options.curve_keys),
-    }
-    alone = " (alone: rank 0 serves and processes with its local engine)" if size == 1 else ""
-    print(f"mpi_imgproc server listening on {address}", flush=True)
-    print(
-        f"ranks {size}, workers {max(1, size - 1)}{alone}; hosts "
-        + ", ".join(f"{h} ({n})" for h, n in host_counts.items())
-        + f"; engine {options.engine} x{per_rank} per rank; tile {options.tile}; "
-        f"CURVE {'on' if options.curve_keys else 'off'}; pid {os.getpid()}",
-        flush=True,
-    )
-    local = LocalBackend(get_engine("sequential")) if size > 1 else None
-    scheduler = Scheduler(
-        backend, options.max_pixels, options.cutover_ms / 1e3, local, options.inline_ms / 1e3
-    )
     try:
-        Server(sock, scheduler, options, info).serve_forever()
+        backend, per_rank, hosts, engines = make_backend(comm, options)
+        host_counts: dict[str, int] = {}
+        for host in hosts:
+            host_counts[host] = host_counts.get(host, 0) + 1
+        info = {
+            "ranks": size,
+            "workers": max(1, size - 1),
+            "hosts": host_counts,
+            "engine": options.engine,
+            "engines": engines,
+            "workers_per_rank": per_rank,
+            "tile": options.tile,
+            "cutover_ms": options.cutover_ms,
+            "inline_ms": options.inline_ms,
+            "client_timeout": options.client_timeout,
+            "heartbeat_s": options.client_timeout / 3,
+            "versions": versions(),
+            "limits": {
+                "max_request_bytes": int(options.max_request_mb * 2**20),
+                "max_pixels": options.max_pixels,
+                "max_images": MAX_IMAGES_PER_REQUEST,
+                "max_tiles_per_image": MAX_TILES_PER_IMAGE,
+                "max_header_bytes": HEADER_LIMIT,
+            },
+            "curve": bool(options.curve_keys),
+        }
+        alone = " (alone: rank 0 serves and processes with its local engine)" if size == 1 else ""
+        print(f"mpi_imgproc server listening on {front.address}", flush=True)
+        print(
+            f"ranks {size}, workers {max(1, size - 1)}{alone}; hosts "
+            + ", ".join(f"{h} ({n})" for h, n in host_counts.items())
+            + f"; engine {options.engine} x{per_rank} per rank; tile {options.tile}; "
+            f"CURVE {'on' if options.curve_keys else 'off'}; pid {os.getpid()}",
+            flush=True,
+        )
+        local = LocalBackend(get_engine("sequential")) if size > 1 else None
+        scheduler = Scheduler(
+            backend, options.max_pixels, options.cutover_ms / 1e3, local, options.inline_ms / 1e3
+        )
+        Server(front.sock, scheduler, options, info).serve_forever()
     finally:
-        if auth is not None:
-            auth.stop()
-        ctx.term()
+        front.close()
     print("mpi_imgproc server stopped", flush=True)
 
 
@@ -521,13 +763,27 @@ def run_worker(comm: MPI.Comm, options: Options) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of every rank; any unhandled error aborts the whole MPI job."""
+    """Entry point of every rank; any unhandled error aborts the whole MPI job.
+
+    A bad command line or an endpoint that cannot be bound ends every rank with one line and
+    exit 2, before any cluster work: rank 0 binds first and tells the workers.
+    """
     comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
 
     def body() -> int:
-        options = parse_args(argv)
-        if comm.Get_rank() == 0:
-            run_rank0(comm, options)
+        quiet = contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext()
+        with quiet:  # every rank parses the same line; rank 0 alone says what is wrong
+            options = parse_args(argv)
+        front = open_front(options) if rank == 0 else None
+        problem = comm.bcast(front if isinstance(front, str) else None, root=0)
+        if problem:
+            if rank == 0:
+                print(f"mpi_imgproc server: {problem}", file=sys.stderr, flush=True)
+            return 2
+        if rank == 0:
+            assert isinstance(front, Front)
+            run_rank0(comm, options, front)
         else:
             run_worker(comm, options)
         return 0

@@ -18,7 +18,7 @@ import pytest
 from cluster import mpi_command, running_cluster
 from conftest import random_image, write_images
 
-from mpi_imgproc.client import Client, ServerError, ServerTimeout
+from mpi_imgproc.client import Client, CurveRefused, RequestTooLarge, ServerError
 from mpi_imgproc.pipeline import Pipeline
 
 pytestmark = pytest.mark.timeout(120)
@@ -124,31 +124,19 @@ def test_cli_submit_writes_results_and_reports_bad_files(cluster3, tmp_path):
 
 def test_bad_requests_get_errors_and_the_server_keeps_serving(cluster3):
     image = random_image(np.random.default_rng(2), 20, 20, 3)
+    raw = {"name": "x", "encoding": "raw", "shape": [20, 20, 3], "dtype": "uint8", "size": 1200}
     with Client(cluster3.address) as client:
         with pytest.raises(ServerError, match="unknown op 'blurr'") as info:
-            client.request(
-                "submit",
-                [image.tobytes()],
-                pipeline=[{"op": "blurr"}],
-                images=[{"name": "x", "encoding": "raw", "shape": [20, 20, 3], "dtype": "uint8"}],
-            )
+            client.request("submit", pipeline=[{"op": "blurr"}], images=[raw])
         assert info.value.code == "unknown_op"
         with pytest.raises(ServerError, match="gaussian_blur: ksize must be odd, got 4"):
             client.request(
-                "submit",
-                [image.tobytes()],
-                pipeline=[{"op": "gaussian_blur", "params": {"ksize": 4}}],
-                images=[{"name": "x", "encoding": "raw", "shape": [20, 20, 3], "dtype": "uint8"}],
+                "submit", pipeline=[{"op": "gaussian_blur", "params": {"ksize": 4}}], images=[raw]
             )
-        with pytest.raises(ServerError, match="needs 1200 bytes, got 5"):
-            client.request(
-                "submit",
-                [b"12345"],
-                pipeline=["invert"],
-                images=[{"name": "x", "encoding": "raw", "shape": [20, 20, 3], "dtype": "uint8"}],
-            )
-        with pytest.raises(ServerError, match="no job 'nope'"):
-            client.status("nope")
+        with pytest.raises(ServerError, match="needs 1200 bytes, but size says 5"):
+            client.request("submit", pipeline=["invert"], images=[{**raw, "size": 5}])
+        with pytest.raises(ServerError, match="no job 'nope' of yours"):
+            client.status("nope", "token")
         result = client.submit([image], ["invert"]).result(timeout=30)
         assert np.array_equal(result.images[0], 255 - image)
 
@@ -196,24 +184,25 @@ def test_cancel_ends_a_running_job(cluster3):
         assert reply["state"] == "cancelled"
         result = job.result(timeout=30)
         assert result.state == "cancelled"
-        assert client.status(job.id)["state"] == "cancelled"
+        assert job.status()["state"] == "cancelled"
         after = client.submit([image[:50, :50]], ["invert"]).result(timeout=30)
         assert after.ok
 
 
-def test_a_client_that_disappears_has_its_jobs_cancelled(cluster3):
+def test_a_client_that_disappears_has_its_jobs_cancelled_after_the_client_timeout():
     image = random_image(np.random.default_rng(6), 1500, 1500, 3)
-    leaving = Client(cluster3.address)
-    job = leaving.submit([image] * 4, ["bilateral:d=15"], tile=100)
-    leaving.close()
-    with Client(cluster3.address) as client:
-        deadline = time.monotonic() + 30
-        state = client.status(job.id)["state"]
-        while state == "running" and time.monotonic() < deadline:
-            time.sleep(0.2)
-            state = client.status(job.id)["state"]
-        assert state == "cancelled"
-        assert client.info()["queue"]["jobs"] == 0
+    with running_cluster(3, "--client-timeout", "2") as cluster:
+        leaving = Client(cluster.address)
+        job = leaving.submit([image] * 4, ["bilateral:d=15"], tile=100)
+        leaving.close()
+        with Client(cluster.address) as client:  # holds the ticket, so it may look
+            deadline = time.monotonic() + 30
+            state = client.status(job.id, job.token)["state"]
+            while state in ("queued", "running") and time.monotonic() < deadline:
+                time.sleep(0.2)
+                state = client.status(job.id, job.token)["state"]
+            assert state == "cancelled"
+            assert client.info()["queue"]["jobs"] == 0
 
 
 def test_info_reports_ranks_hosts_engines_and_versions(cluster3):
@@ -222,7 +211,7 @@ def test_info_reports_ranks_hosts_engines_and_versions(cluster3):
     assert info["ranks"] == 3 and info["workers"] == 2
     assert sum(info["hosts"].values()) == 3
     assert [e["engine"] for e in info["engines"]] == ["threads", "threads"]
-    assert info["versions"]["protocol"] == "1" and "MPICH" in info["versions"]["mpi"]
+    assert info["versions"]["protocol"] == "2" and "MPICH" in info["versions"]["mpi"]
 
 
 def test_idle_ranks_sleep_instead_of_spinning():
@@ -281,8 +270,12 @@ def test_limits_reject_oversize_requests_and_images():
             assert set(result.errors) == {1}
             assert result.errors[1][0] == "limit_exceeded"
             assert "more than the server's limit of 5000 pixels" in result.errors[1][1]
+            with pytest.raises(RequestTooLarge, match="over the server's limit"):
+                client.submit([large] * 3, ["invert"])  # refused before sending
+            descs = [{"name": "l", "encoding": "raw", "shape": [100, 100], "dtype": "uint8"}] * 3
+            descs = [{**d, "size": 10000} for d in descs]
             with pytest.raises(ServerError, match="over the limit") as info:
-                client.submit([large] * 3, ["invert"])
+                client.request("submit", pipeline=["invert"], images=descs)
             assert info.value.code == "limit_exceeded"
 
 
@@ -316,11 +309,11 @@ def test_curve_allows_known_clients_and_refuses_others(tmp_path):
     with running_cluster(2, "--curve-keys", str(keys)) as cluster:
         with Client(cluster.address, curve_keys=keys) as client:
             assert client.submit([image], ["invert"]).result(timeout=30).ok
-        with Client(cluster.address, curve_keys=strangers, timeout=2) as stranger:
-            with pytest.raises(ServerTimeout):
+        with Client(cluster.address, curve_keys=strangers, timeout=5) as stranger:
+            with pytest.raises(CurveRefused, match="not among the server's allowed keys"):
                 stranger.info()
-        with Client(cluster.address, timeout=2) as plain:
-            with pytest.raises(ServerTimeout):
+        with Client(cluster.address, timeout=5) as plain:
+            with pytest.raises(CurveRefused, match="requires CURVE"):
                 plain.info()
 
 

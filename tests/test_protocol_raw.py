@@ -1,13 +1,20 @@
-"""Drive the server with raw pyzmq, from the frame tables of docs/protocol.md alone."""
+"""Drive the server with raw pyzmq, from the frame tables of docs/protocol.md alone.
+
+Every message the server sends is also checked against the reply schemas of
+``mpi_imgproc.protocol``: the server must send exactly what the document promises.
+"""
 
 from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 import zmq
 from cluster import running_cluster
+
+from mpi_imgproc.protocol import decode_reply
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -35,67 +42,75 @@ def send(sock, header: dict, *frames: bytes) -> None:
 def receive(sock, timeout_ms: int = 20000) -> tuple[dict, list[bytes]]:
     assert sock.poll(timeout_ms), "no reply"
     header, *frames = sock.recv_multipart()
+    decode_reply(header)  # raises if the server strays from its schema
     return json.loads(header), frames
+
+
+def submit(sock, header: dict, *data: bytes) -> dict:
+    """A submit declaring ``data``'s sizes, then one upload per image: the ``accepted``."""
+    for desc, frame in zip(header["images"], data):
+        desc.setdefault("size", len(frame))
+    send(sock, {"v": 2, "type": "submit", **header})
+    accepted, _ = receive(sock)
+    assert accepted["type"] == "accepted", accepted
+    for index, frame in enumerate(data):
+        ticket = {"job": accepted["job"], "token": accepted["token"]}
+        send(sock, {"v": 2, "type": "upload", **ticket, "index": index}, frame)
+    return accepted
+
+
+def until_done(sock) -> list[tuple[dict, list[bytes]]]:
+    messages = []
+    while not messages or messages[-1][0]["type"] != "done":
+        messages.append(receive(sock))
+    return messages
 
 
 def test_submit_raw_pixels_frame_by_frame(dealer):
     pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
-    send(
+    accepted = submit(
         dealer,
         {
-            "v": 1,
-            "type": "submit",
             "req": "r1",
             "pipeline": [{"op": "grayscale", "params": {}}],
             "images": [{"name": "a", "encoding": "raw", "shape": [2, 3, 3], "dtype": "uint8"}],
         },
         pixels.tobytes(),
     )
-    accepted, _ = receive(dealer)
-    assert accepted["type"] == "accepted" and accepted["req"] == "r1" and accepted["images"] == 1
+    assert accepted["req"] == "r1" and accepted["images"] == 1 and len(accepted["token"]) >= 22
     seen = []
-    while True:
-        header, frames = receive(dealer)
-        assert header["v"] == 1 and header["job"] == accepted["job"]
+    for header, frames in until_done(dealer):
+        assert header["v"] == 2 and header["job"] == accepted["job"]
         seen.append(header["type"])
         if header["type"] == "result":
             assert header["encoding"] == "raw" and header["shape"] == [2, 3]
             out = np.frombuffer(frames[0], dtype=header["dtype"]).reshape(header["shape"])
-            import cv2
-
             assert np.array_equal(out, cv2.cvtColor(pixels, cv2.COLOR_BGR2GRAY))
         if header["type"] == "done":
             assert header["state"] == "done" and header["ok"] == 1 and header["failed"] == 0
+            assert header["cancelled"] == 0
             stages = {"queue", "decode", "split", "send", "compute", "receive", "merge", "encode"}
             assert stages | {"total", "ranks"} <= set(header["stats"])
-            break
     assert "progress" in seen and "result" in seen
 
 
 def test_encoded_file_bytes_in_png_out(dealer):
-    import cv2
-
     image = np.full((8, 9, 3), 40, np.uint8)
     png = cv2.imencode(".png", image)[1].tobytes()
-    send(
-        dealer,
-        {
-            "v": 1,
-            "type": "submit",
-            "pipeline": ["invert"],
-            "result": "png",
-            "images": [{"name": "x.png", "encoding": "file"}],
-        },
-        png,
-    )
-    while True:
-        header, frames = receive(dealer)
-        if header["type"] == "result":
-            assert header["encoding"] == "png"
-            out = cv2.imdecode(np.frombuffer(frames[0], np.uint8), cv2.IMREAD_UNCHANGED)
-            assert np.array_equal(out, 255 - image)
-        if header["type"] == "done":
-            break
+    header = {
+        "pipeline": ["invert"],
+        "result": "png",
+        "images": [{"name": "x.png", "encoding": "file"}],
+    }
+    submit(dealer, header, png)
+    results = [(h, f) for h, f in until_done(dealer) if h["type"] == "result"]
+    assert results[0][0]["encoding"] == "png"
+    out = cv2.imdecode(np.frombuffer(results[0][1][0], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(out, 255 - image)
+
+
+def _header(**fields) -> bytes:
+    return json.dumps({"v": 2, **fields}).encode()
 
 
 @pytest.mark.parametrize(
@@ -103,41 +118,18 @@ def test_encoded_file_bytes_in_png_out(dealer):
     [
         ([b"not json"], "malformed"),
         ([b"[1, 2]"], "malformed"),
-        ([json.dumps({"v": 99, "type": "info"}).encode()], "unsupported_version"),
-        ([json.dumps({"v": 1, "type": "dance"}).encode()], "unknown_type"),
+        ([_header(v=99, type="info")], "unsupported_version"),
+        ([_header(type="dance")], "unknown_type"),
+        ([_header(type="submit", pipeline=["invert"], images=[{"name": "a"}])], "malformed"),
         (
-            [
-                json.dumps(
-                    {"v": 1, "type": "submit", "pipeline": ["invert"], "images": [{"name": "a"}]}
-                ).encode()
-            ],
+            [_header(type="submit", pipeline=["invert"], tile=-3, images=[{"size": 1}])],
             "malformed",
         ),
-        (
-            [
-                json.dumps(
-                    {
-                        "v": 1,
-                        "type": "submit",
-                        "pipeline": ["invert"],
-                        "tile": -3,
-                        "images": [{"name": "a"}],
-                    }
-                ).encode(),
-                b"x",
-            ],
-            "invalid_parameter",
-        ),
-        (
-            [
-                json.dumps(
-                    {"v": 1, "type": "submit", "pipeline": "invert", "images": [{"name": "a"}]}
-                ).encode(),
-                b"x",
-            ],
-            "invalid_pipeline",
-        ),
-        ([json.dumps({"v": 1, "type": "cancel", "job": "j0"}).encode()], "unknown_job"),
+        ([_header(type="submit", pipeline="invert", images=[{"size": 1}])], "malformed"),
+        ([_header(type="submit", pipeline=["invert"], images=[{"size": 1}]), b"x"], "malformed"),
+        ([_header(type="submit", pipeline=["blurr"], images=[{"size": 1}])], "unknown_op"),
+        ([_header(type="cancel", job="j0", token="t")], "unknown_job"),
+        ([_header(type="status", job="j0")], "malformed"),
     ],
 )
 def test_malformed_messages_get_an_error_naming_the_cause(dealer, frames, code):
@@ -146,51 +138,43 @@ def test_malformed_messages_get_an_error_naming_the_cause(dealer, frames, code):
     assert header["type"] == "error" and header["code"] == code and header["message"]
 
 
+def test_errors_echo_req_whenever_it_can_be_read(dealer):
+    send(dealer, {"v": 2, "type": "status", "req": "q7", "job": ["a", "list"], "token": "t"})
+    header, _ = receive(dealer)
+    assert header["type"] == "error" and header["req"] == "q7" and "$.job" in header["message"]
+
+
 def test_undecodable_image_is_an_image_error_not_a_request_error(dealer):
-    send(
-        dealer,
-        {
-            "v": 1,
-            "type": "submit",
-            "pipeline": ["invert"],
-            "images": [{"name": "junk.jpg", "encoding": "file"}],
-        },
-        b"\xff\xd8\xff junk",
-    )
-    types = []
-    while True:
-        header, _ = receive(dealer)
-        types.append(header["type"])
-        if header["type"] == "image_error":
-            assert header["name"] == "junk.jpg" and header["code"] == "image_read_error"
-        if header["type"] == "done":
-            assert header["failed"] == 1
-            break
-    assert types[0] == "accepted"
+    header = {"pipeline": ["invert"], "images": [{"name": "junk.jpg", "encoding": "file"}]}
+    submit(dealer, header, b"\xff\xd8\xff junk")
+    messages = until_done(dealer)
+    errors = [h for h, _ in messages if h["type"] == "image_error"]
+    assert errors[0]["name"] == "junk.jpg" and errors[0]["code"] == "image_read_error"
+    assert messages[-1][0]["failed"] == 1
+
+
+def test_upload_of_another_size_than_declared_fails_that_image(dealer):
+    header = {"pipeline": ["invert"], "images": [{"name": "a.png", "size": 10}]}
+    submit(dealer, header, b"123")
+    errors = [h for h, _ in until_done(dealer) if h["type"] == "image_error"]
+    assert errors[0]["code"] == "malformed" and "declared 10" in errors[0]["message"]
 
 
 def test_heartbeat_and_info(dealer):
-    send(dealer, {"v": 1, "type": "heartbeat", "req": "hb"})
-    assert receive(dealer)[0] == {"v": 1, "type": "heartbeat", "req": "hb"}
-    send(dealer, {"v": 1, "type": "info"})
+    send(dealer, {"v": 2, "type": "heartbeat", "req": "hb"})
+    assert receive(dealer)[0] == {"v": 2, "type": "heartbeat", "req": "hb"}
+    send(dealer, {"v": 2, "type": "info"})
     info, _ = receive(dealer)
-    assert info["type"] == "info" and info["ranks"] == 2 and info["versions"]["protocol"] == "1"
+    assert info["type"] == "info" and info["ranks"] == 2 and info["versions"]["protocol"] == "2"
+    assert info["heartbeat_s"] == info["client_timeout"] / 3
 
 
 def test_progress_false_means_no_progress_messages(dealer):
     pixels = np.zeros((4, 5), np.uint8)
-    send(
-        dealer,
-        {
-            "v": 1,
-            "type": "submit",
-            "pipeline": ["invert"],
-            "progress": False,
-            "images": [{"name": "a", "encoding": "raw", "shape": [4, 5], "dtype": "uint8"}],
-        },
-        pixels.tobytes(),
-    )
-    types = []
-    while not types or types[-1] != "done":
-        types.append(receive(dealer)[0]["type"])
-    assert types == ["accepted", "result", "done"]
+    header = {
+        "pipeline": ["invert"],
+        "progress": False,
+        "images": [{"name": "a", "encoding": "raw", "shape": [4, 5], "dtype": "uint8"}],
+    }
+    submit(dealer, header, pixels.tobytes())
+    assert [h["type"] for h, _ in until_done(dealer)] == ["result", "done"]
