@@ -303,3 +303,24 @@ def test_sigterm_during_a_job_exits_0_and_the_client_hears_why():
 def test_pipeline_spec_check_is_the_same_everywhere():
     with pytest.raises(Exception, match="ksize"):
         Pipeline.from_json([{"op": "gaussian_blur", "params": {"ksize": None}}])
+
+
+def test_a_dead_worker_rank_reaches_the_client_as_server_gone_in_bounded_time():
+    """MPICH's launcher ends the whole job when one rank dies (docs/fault-tolerance.md): the
+    client must hear of it within seconds, not wait forever."""
+    image = random_image(np.random.default_rng(8), 1500, 1500, 3)
+    with running_cluster(3) as dying, Client(dying.address) as client:
+        job = client.submit([image] * 4, ["bilateral:d=15"], tile=0)
+        time.sleep(1.0)
+        server_pid = int(re.search(r"pid (\d+)", dying.drain()).group(1))
+        workers = [
+            p
+            for p in psutil.Process(dying.proc.pid).children(recursive=True)
+            if "mpi_imgproc.server" in " ".join(p.cmdline()) and p.pid != server_pid
+        ]
+        workers[0].kill()
+        started = time.monotonic()
+        with pytest.raises(ServerGone):
+            job.result()
+        assert time.monotonic() - started < 15
+        assert dying.proc.wait(timeout=15) != 0
