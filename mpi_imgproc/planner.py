@@ -45,7 +45,6 @@ DEFAULT_INLINE_S = 0.01
 TRANSFER_NS_PER_BYTE = 0.5
 
 
-
 def op_cost_ns(name: str, params: Mapping[str, Any]) -> float:
     """Rough single-core cost of one op, in nanoseconds per pixel and channel.
 
