@@ -3,47 +3,70 @@
 from __future__ import annotations
 
 import resource
+import sys
 import time
 
 import numpy as np
 from mpi4py import MPI
 
-from .errors import describe, error_code
+from .errors import ImgprocError, describe, error_code
 from .imagetask import run_image_task
 from .local_engines import Engine
 from .mpi_transport import (
     TAG_BYE,
+    TAG_PING,
+    TAG_PONG,
     TAG_RESULT,
     TAG_RESULT_PIXELS,
     TAG_STOP,
     TAG_TASK,
     TAG_TASK_PIXELS,
     Backoff,
+    RankWatch,
     as_bytes,
     encode_header,
     pixel_fields,
     recv_header,
-    recv_into,
     recv_pixels,
+    recv_within,
 )
 from .pipeline import stage_from_text
 from .scheduler import Backend, Completion, Task
+
+
+class RankLost(ImgprocError):
+    """Every worker rank has died: nothing is left to run tasks on."""
+
+    code = "rank_lost"
 
 
 class MPIBackend(Backend):
     """Tasks go to worker ranks, at most ``per_worker`` in flight on each.
 
     Sends are non-blocking (``Isend``): rank 0 never waits for a worker to receive, and keeps
-    each buffer alive until its request completes.  Results are found with ``Iprobe``, so rank 0
-    only ever blocks in ``Recv`` for pixels whose header has already arrived.
+    each buffer alive until its request completes.  Results are found with ``Iprobe``; the
+    pixels that follow a result header are received with a deadline.
+
+    A dead worker (only survivable under ``mpiexec -disable-auto-cleanup``, see
+    docs/fault-tolerance.md) is found by pinging every worker when Hydra signals a death, or
+    when a worker's pixels do not arrive in time: a worker that does not answer within
+    ``PING_TIMEOUT_S`` is buried, and its tasks come back as ``lost`` for the scheduler to hand
+    to the others.
     """
+
+    PING_TIMEOUT_S = 3.0
+    PIXELS_TIMEOUT_S = 60.0
 
     def __init__(self, comm: MPI.Comm, per_worker: int):
         self.comm = comm
         self.workers = comm.Get_size() - 1
         self.per_worker = per_worker
-        self.load = {rank: 0 for rank in range(1, comm.Get_size())}
-        self.sending: list[tuple[list[MPI.Request], tuple]] = []
+        self.load = {rank: 0 for rank in range(1, comm.Get_size())}  # live workers only
+        self.assigned: dict[int, int] = {}  # task id -> rank
+        self.sending: list[tuple[int, list[MPI.Request], tuple]] = []  # rank, requests, buffers
+        self.pinging: dict[int, float] = {}  # rank -> deadline for its pong
+        self.dead: list[int] = []
+        self.abandoned: list = []  # requests to dead ranks: never complete, never waited for
 
     def free_slots(self) -> int:
         return sum(self.per_worker - n for n in self.load.values())
@@ -59,11 +82,18 @@ class MPIBackend(Backend):
         requests = [self.comm.Isend([header, MPI.BYTE], dest=rank, tag=TAG_TASK)]
         if payload is not None:
             requests.append(self.comm.Isend(payload, dest=rank, tag=TAG_TASK_PIXELS))
-        self.sending.append((requests, (header, payload)))
+        self.sending.append((rank, requests, (header, payload)))
         self.load[rank] += 1
+        self.assigned[task.id] = rank
 
     def poll(self) -> list[Completion]:
-        self.sending = [s for s in self.sending if not MPI.Request.Testall(s[0])]
+        self.sending = [s for s in self.sending if not self._sent(s)]
+        done = self._results()
+        if RankWatch.take():
+            self._ping_all()
+        return done + self._check_pings()
+
+    def _results(self) -> list[Completion]:
         done = []
         status = MPI.Status()
         while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_RESULT, status=status):
@@ -74,16 +104,76 @@ class MPIBackend(Backend):
             if "shape" in header:
                 into = self.destination(header) if self.destination else None
                 if into is None:
-                    result = recv_pixels(self.comm, rank, TAG_RESULT_PIXELS, header)
+                    into = np.empty(header["shape"], dtype=header["dtype"])
+                if not recv_within(
+                    self.comm, as_bytes(into), rank, TAG_RESULT_PIXELS, self.PIXELS_TIMEOUT_S
+                ):
+                    self._ping(rank)  # its pixels never came: is it still there?
+                    header = {"task": header["task"], "lost": f"rank {rank}'s pixels never came"}
                 else:
-                    result = recv_into(self.comm, into, rank, TAG_RESULT_PIXELS)
+                    result = into
             self.load[rank] -= 1
+            self.assigned.pop(header["task"], None)
             done.append(completion(header, result, rank))
             done[-1].received_s = time.perf_counter() - started
         return done
 
+    def _sent(self, sending: tuple[int, list[MPI.Request], tuple]) -> bool:
+        """Whether a send has completed; one that failed (its receiver died) is given up."""
+        try:
+            return MPI.Request.Testall(sending[1])
+        except MPI.Exception:
+            self._ping(sending[0])
+            self.abandoned.append(sending)
+            return True
+
+    def _ping_all(self) -> None:
+        print("a rank has died: asking every worker", file=sys.stderr, flush=True)
+        for rank in self.load:
+            self._ping(rank)
+
+    def _ping(self, rank: int) -> None:
+        if rank in self.pinging or rank not in self.load:
+            return
+        ping = encode_header({})
+        self.sending.append((rank, [self.comm.Isend([ping, MPI.BYTE], rank, TAG_PING)], (ping,)))
+        self.pinging[rank] = time.monotonic() + self.PING_TIMEOUT_S
+
+    def _check_pings(self) -> list[Completion]:
+        """Hear pongs; bury workers whose pong is overdue; their tasks come back as lost."""
+        status = MPI.Status()
+        while self.pinging and self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_PONG, status=status):
+            recv_header(self.comm, status)
+            self.pinging.pop(status.Get_source(), None)
+        lost: list[Completion] = []
+        now = time.monotonic()
+        for rank in [r for r, deadline in self.pinging.items() if deadline < now]:
+            lost += self._bury(rank)
+        return lost
+
+    def _bury(self, rank: int) -> list[Completion]:
+        del self.pinging[rank], self.load[rank]
+        self.dead.append(rank)
+        self.workers = len(self.load)
+        tasks = [t for t, r in self.assigned.items() if r == rank]
+        for task_id in tasks:
+            del self.assigned[task_id]
+        self.abandoned += [s for s in self.sending if s[0] == rank]
+        self.sending = [s for s in self.sending if s[0] != rank]
+        print(
+            f"worker rank {rank} is gone; {len(tasks)} of its tasks go to the "
+            f"{len(self.load)} other workers",
+            file=sys.stderr,
+            flush=True,
+        )
+        if not self.load:
+            raise RankLost("every worker rank has died; the cluster cannot go on")
+        return [
+            Completion(t, None, ("rank_lost", f"rank {rank} died"), rank, lost=True) for t in tasks
+        ]
+
     def close(self, deadline: float) -> None:
-        """Tell every worker to stop, drain what they still send, wait for their goodbyes.
+        """Tell every live worker to stop, drain what they still send, wait for their goodbyes.
 
         A worker still busy past ``deadline`` would keep the job from ending: then the whole
         job is aborted rather than left hanging.
@@ -107,7 +197,7 @@ class MPIBackend(Backend):
             print(f"workers {sorted(left)} did not stop in time; aborting", flush=True)
             self.comm.Abort(1)
         # Every worker has received all it was sent before its goodbye: these complete now.
-        MPI.Request.Waitall(requests + [r for reqs, _ in self.sending for r in reqs])
+        MPI.Request.Waitall(requests + [r for _, reqs, _ in self.sending for r in reqs])
         self.sending.clear()
 
 
@@ -154,6 +244,8 @@ _COMPLETION_KEYS = ("task", "busy", "cpu", "maxrss_kb", "error", "shape", "dtype
 def completion(header: dict, result: np.ndarray | None, rank: int) -> Completion:
     """A worker's result header (and buffer) as the scheduler's Completion."""
     error = header.get("error")
+    if "lost" in header:
+        return Completion(header["task"], None, ("rank_lost", header["lost"]), rank, lost=True)
     return Completion(
         header["task"],
         result,

@@ -32,9 +32,20 @@ def mpiexec() -> str:
     return found
 
 
-def mpi_command(ranks: int, module: str, *args: str) -> list[str]:
-    """``mpiexec -n RANKS python -m MODULE ARGS...`` with this Python and its mpiexec."""
-    return [mpiexec(), "-n", str(ranks), sys.executable, "-m", module, *args]
+# Under ``survive``: a shell around each rank that ignores Hydra's SIGUSR1 and exits
+# normally whatever the rank died of, so that Hydra does not end the whole job (it does when a
+# process it started is killed by a signal, even with -disable-auto-cleanup).
+RANK_SHELL = ("sh", "-c", 'trap "" USR1 TERM INT; "$@"', "rank")
+
+
+def mpi_command(ranks: int, module: str, *args: str, survive: bool = False) -> list[str]:
+    """``mpiexec -n RANKS python -m MODULE ARGS...`` with this Python and its mpiexec.
+
+    ``survive``: launch so that the job outlives a dead worker rank (docs/fault-tolerance.md).
+    """
+    launcher = [mpiexec(), "-disable-auto-cleanup"] if survive else [mpiexec()]
+    rank = [*RANK_SHELL, sys.executable] if survive else [sys.executable]
+    return [*launcher, "-n", str(ranks), *rank, "-m", module, *args]
 
 
 class Cluster:
@@ -87,9 +98,13 @@ def _pump(stream, lines: queue.Queue) -> None:
 
 
 @contextmanager
-def running_cluster(ranks: int = 3, *args: str) -> Iterator[Cluster]:
-    """Start the server on ``ranks`` ranks with extra ``args``; kill its process group after."""
-    cmd = mpi_command(ranks, "mpi_imgproc.server", "--bind", "tcp://127.0.0.1:*", *args)
+def running_cluster(ranks: int = 3, *args: str, survive: bool = False) -> Iterator[Cluster]:
+    """Start the server on ``ranks`` ranks with extra ``args``; kill its process group after.
+
+    ``survive``: launched to outlive a dead worker rank (see ``mpi_command``)."""
+    cmd = mpi_command(
+        ranks, "mpi_imgproc.server", "--bind", "tcp://127.0.0.1:*", *args, survive=survive
+    )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         cmd,

@@ -11,6 +11,7 @@ one sender in order, so a header is always followed by its own pixels.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 import traceback
@@ -26,6 +27,54 @@ TAG_RESULT = 21  # worker -> rank 0: result header (JSON)
 TAG_RESULT_PIXELS = 22  # worker -> rank 0: the cropped result
 TAG_STOP = 31  # rank 0 -> worker: finish and leave
 TAG_BYE = 32  # worker -> rank 0: left the loop, about to finalise
+TAG_PING = 41  # rank 0 -> worker: are you alive? (after a rank died somewhere)
+TAG_PONG = 42  # worker -> rank 0: yes
+
+
+class RankWatch:
+    """Hydra's only notice that a rank has died: SIGUSR1 to every surviving rank.
+
+    With ``mpiexec -disable-auto-cleanup`` the job outlives a dead rank, but MPI itself reports
+    nothing (docs/fault-tolerance.md); the signal says *that* a rank died, and rank 0 then asks
+    every worker which.  The handler only sets a flag: the loop looks at it.  Every rank
+    installs it, since the signal's default action would end the process.
+    """
+
+    noticed = False
+
+    @classmethod
+    def install(cls) -> None:
+        signal.signal(signal.SIGUSR1, cls._note)
+
+    @classmethod
+    def _note(cls, signum: int, frame: Any) -> None:
+        cls.noticed = True
+
+    @classmethod
+    def take(cls) -> bool:
+        """Whether a death was noticed since the last call."""
+        noticed, cls.noticed = cls.noticed, False
+        return noticed
+
+
+def recv_within(comm: MPI.Comm, buffer: list, source: int, tag: int, seconds: float) -> bool:
+    """Receive into ``buffer`` from ``source``, giving up after ``seconds`` (a dead sender).
+
+    Rank 0 must never block for good on one worker: a blocking ``Recv`` from a rank that died
+    between its header and its pixels would never return.  The wait is a throttled poll.
+    """
+    request = comm.Irecv(buffer, source=source, tag=tag)
+    deadline = time.monotonic() + seconds
+    backoff = Backoff(floor=1e-5, ceiling=1e-3, warm_ceiling=1e-4)
+    try:
+        while not request.Test():
+            if time.monotonic() > deadline:
+                request.Cancel()
+                return False
+            backoff.sleep()
+    except MPI.Exception:  # e.g. a shared-memory copy from a process that no longer exists
+        return False
+    return True
 
 
 def encode_header(header: dict[str, Any]) -> bytearray:
@@ -99,19 +148,27 @@ class Backoff:
 
 
 def run_or_abort(comm: MPI.Comm, body: Callable[[], int]) -> int:
-    """Run a rank's ``body``; an unhandled exception aborts the whole MPI job.
+    """Run a rank's ``body``; an unhandled exception on rank 0 aborts the whole MPI job, one
+    on a worker ends that rank.
 
     Without this, one rank's crash leaves the others waiting forever in a receive or in
-    ``MPI_Finalize``.  ``SystemExit`` (argparse's ``--help`` or usage errors) is not a crash:
-    every rank parses the same command line and exits alike.
+    ``MPI_Finalize``.  A worker aborts only itself (``COMM_SELF``): under plain ``mpiexec``
+    that still ends the whole job, and under ``-disable-auto-cleanup`` rank 0 outlives it and
+    gives its tasks to the other workers.  ``SystemExit`` (argparse's ``--help`` or usage
+    errors) is not a crash: every rank parses the same command line and exits alike.
     """
+    RankWatch.install()
     try:
-        return body()
+        code = body()
+        # This rank is done; other ranks' normal exits now signal it too, and the default
+        # action of SIGUSR1 would kill it while it finalises.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        return code
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     except BaseException:
         print(f"rank {comm.Get_rank()}: fatal error, aborting the MPI job", file=sys.stderr)
         traceback.print_exc()
         sys.stderr.flush()
-        comm.Abort(1)
+        (comm if comm.Get_rank() == 0 else MPI.COMM_SELF).Abort(1)
         return 1

@@ -71,6 +71,7 @@ class Completion:
     maxrss_kb: int = 0
     fields: dict[str, Any] = field(default_factory=dict)
     received_s: float = 0.0  # rank 0's time receiving the result
+    lost: bool = False  # the worker died with it: run it again elsewhere
 
 
 @dataclass
@@ -432,6 +433,10 @@ class Scheduler:
     def _complete(self, done: Completion) -> None:
         task = self.running.pop(done.task_id, None)
         if task is None:
+            return
+        if done.lost:  # its rank died: the task goes out again, first in its job's line
+            if task.image.job.active and not task.image.finished:
+                task.image.job.ready.appendleft(task)
             return
         image, job = task.image, task.image.job
         rank = job.ranks.setdefault(done.rank, {"tiles": 0, "busy_s": 0.0, "bytes": 0})

@@ -545,6 +545,7 @@ class Server:
             "jobs": sum(1 for j in self.scheduler.jobs.values() if j.active),
             "tasks_queued": sum(len(j.ready) for j in self.scheduler.jobs.values()),
             "tasks_in_flight": len(self.scheduler.running),
+            "workers_alive": self.scheduler.backend.workers,
         }
         self.reply(identity, pack("info", req=msg.req, queue=queue, **self.info_fields))
 

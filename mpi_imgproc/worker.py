@@ -34,6 +34,8 @@ from .imagetask import run_image_task
 from .local_engines import Engine
 from .mpi_transport import (
     TAG_BYE,
+    TAG_PING,
+    TAG_PONG,
     TAG_RESULT,
     TAG_RESULT_PIXELS,
     TAG_STOP,
@@ -66,6 +68,9 @@ def _receive_tasks(comm: MPI.Comm, limit: int) -> tuple[list[Task], bool]:
             recv_header(comm, status)
             return tasks, True
         header = recv_header(comm, status)
+        if status.Get_tag() == TAG_PING:
+            _pong(comm)
+            continue
         payload = recv_pixels(comm, 0, TAG_TASK_PIXELS, header) if "shape" in header else None
         tasks.append((header, payload))
     return tasks, False
@@ -86,8 +91,21 @@ def _stop_arrived(comm: MPI.Comm) -> bool:
         header = recv_header(comm, status)
         if status.Get_tag() == TAG_STOP:
             return True
-        if "shape" in header:
+        if status.Get_tag() != TAG_PING and "shape" in header:
             recv_pixels(comm, 0, TAG_TASK_PIXELS, header)
+
+
+def _answer_pings(comm: MPI.Comm) -> None:
+    """Answer rank 0's "are you alive?" (it asks after a rank has died somewhere)."""
+    status = MPI.Status()
+    while comm.Iprobe(source=0, tag=TAG_PING, status=status):
+        recv_header(comm, status)
+        _pong(comm)
+
+
+def _pong(comm: MPI.Comm) -> None:
+    # Two bytes go out eagerly: this blocking send returns at once.
+    comm.Send([encode_header({}), MPI.BYTE], dest=0, tag=TAG_PONG)
 
 
 def _run_batch(engine: Engine, stage_json: str, tasks: list[Task]) -> list[Any]:
@@ -271,6 +289,7 @@ def serve(comm: MPI.Comm, engine: Engine) -> None:
     stop = False
     while not stop:
         sending = [s for s in sending if not MPI.Request.Testall(s[0])]
+        _answer_pings(comm)
         if compute.pending:
             # Sleep until the round is done (woken at once), looking now and then for a stop.
             for task_id, result, busy, cpu in compute.wait(STOP_CHECK_S) or ():

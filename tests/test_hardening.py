@@ -324,3 +324,53 @@ def test_a_dead_worker_rank_reaches_the_client_as_server_gone_in_bounded_time():
             job.result()
         assert time.monotonic() - started < 15
         assert dying.proc.wait(timeout=15) != 0
+
+
+def _workers(cluster) -> list[psutil.Process]:
+    server_pid = int(re.search(r"pid (\d+)", cluster.drain()).group(1))
+    return [
+        p
+        for p in psutil.Process(cluster.proc.pid).children(recursive=True)
+        if p.name().startswith("python")
+        and "mpi_imgproc.server" in " ".join(p.cmdline())
+        and p.pid != server_pid
+    ]
+
+
+@pytest.mark.parametrize("tile", [0, 200])
+def test_a_worker_that_dies_has_its_tasks_run_by_the_others(tile):
+    """Under -disable-auto-cleanup rank 0 outlives a killed worker and finishes every job."""
+    rng = np.random.default_rng(9)
+    images = [random_image(rng, 1000, 1000, 3) for _ in range(10)]
+    with running_cluster(4, survive=True) as cluster, Client(cluster.address) as client:
+        job = client.submit(images, ["bilateral:d=15"], tile=tile)
+        _wait_until_a_worker_computes(cluster)
+        _workers(cluster)[0].kill()
+        result = job.result(timeout=120)
+        assert result.state == "done" and not result.errors, result.errors
+        for image, out in zip(images, result.images):
+            assert np.array_equal(out, Pipeline.parse(["bilateral:d=15"]).apply(image))
+        deadline = time.monotonic() + 15
+        while client.info()["queue"]["workers_alive"] == 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert client.info()["queue"]["workers_alive"] == 2
+        output = cluster.drain()
+        assert re.search(r"worker rank \d is gone; [1-9]\d* of its tasks go to the 2", output), (
+            output
+        )
+        again = client.submit([images[0][:60, :60]], ["invert"]).result(timeout=30)
+        assert again.ok
+        code = cluster.terminate(signal.SIGTERM, timeout=20)
+    assert code != 0  # mpiexec reports the dead rank's status
+
+
+def _wait_until_a_worker_computes(cluster) -> None:
+    workers = _workers(cluster)
+    for p in workers:
+        p.cpu_percent()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        if max(p.cpu_percent() for p in workers) > 25:
+            return
+    raise AssertionError("no worker started computing")
