@@ -178,13 +178,24 @@ def test_pixels_are_limited_from_the_header_before_decoding(tmp_path):
         assert grown < 200 * 2**20, f"a rank grew by {grown / 2**20:.0f} MiB"
 
 
-def test_an_op_whose_output_is_over_the_pixel_limit_fails_that_image(cluster):
-    image = random_image(np.random.default_rng(3), 20, 20, 1)
-    with running_cluster(2, "--max-pixels", "10000") as small:
-        with Client(small.address, timeout=10) as client:
-            result = client.submit([image, image], ["resize:scale=8"], tile=0).result(timeout=30)
-    assert result.state == "done" and len(result.errors) == 2
-    assert all("resize: output 160x160" in m for _, m in result.errors.values())
+def test_an_op_whose_output_is_over_the_pixel_limit_fails_before_it_runs(cluster):
+    """resize to 100000x100000 would be 10^10 pixels (30 GB): refused, nothing allocated."""
+    image = random_image(np.random.default_rng(3), 100, 100, 3)
+    ranks = [
+        p
+        for p in psutil.Process(cluster.proc.pid).children(recursive=True)
+        if "mpi_imgproc.server" in " ".join(p.cmdline())
+    ]
+    before = {p.pid: p.memory_info().rss for p in ranks}
+    with Client(cluster.address, timeout=10) as client:
+        for tile in (0, 16):
+            result = client.submit(
+                [image, image], ["resize:width=100000,height=100000"], tile=tile
+            ).result(30)
+            assert result.state == "done" and len(result.errors) == 2
+            assert all("resize: output 100000x100000" in m for _, m in result.errors.values())
+    grown = max(p.memory_info().rss - before[p.pid] for p in ranks)
+    assert grown < 100 * 2**20, f"a rank grew by {grown / 2**20:.0f} MiB"
 
 
 def test_a_client_that_never_reads_cannot_grow_the_server(cluster, dealer):
