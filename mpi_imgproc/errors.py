@@ -79,3 +79,10 @@ def describe(exc: BaseException) -> str:
 def error_code(exc: BaseException) -> str:
     """The protocol's error code for ``exc`` (``internal`` for anything unexpected)."""
     return exc.code if isinstance(exc, ImgprocError) else "internal"
+
+
+class PathRefused(ImgprocError):
+    """A path of a by-reference job that the server will not touch: outside its data root, not
+    a regular file, or an output that would overwrite an input or an existing file."""
+
+    code = "path_refused"

@@ -71,10 +71,14 @@ class ImageDesc(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class Submit(Request, tag="submit", forbid_unknown_fields=True):
-    """Run a pipeline over images, uploaded afterwards one ``upload`` each."""
+    """Run a pipeline over images: uploaded afterwards one ``upload`` each (``images``), or
+    named by path under the server's data root (``paths``, written to ``output``)."""
 
     pipeline: Annotated[list[ShortText | OpItem], msgspec.Meta(max_length=MAX_PIPELINE_OPS)]
-    images: Annotated[list[ImageDesc], msgspec.Meta(min_length=1)]
+    images: list[ImageDesc] = []
+    paths: list[Name] = []
+    output: Name | None = None
+    overwrite: bool = False
     tile: Count | Literal["auto"] = "auto"
     result: Literal["raw", "png", "jpg", "tif", "same"] = "raw"
     progress: bool = True
@@ -312,6 +316,7 @@ class InfoReply(Reply, tag="info"):
     queue: dict[str, int]
     limits: dict[str, int]
     curve: bool
+    by_reference: bool
 
 
 class HeartbeatReply(Reply, tag="heartbeat"):

@@ -320,6 +320,8 @@ class Scheduler:
             if not image.uploaded:
                 return  # images start in order; this one's data has not arrived yet
             job.next_image += 1
+            if image.finished:
+                continue  # failed before its turn (a front refused it)
             image.started_at = time.perf_counter()
             if job.started is None:
                 job.started, job.state = time.perf_counter(), "running"

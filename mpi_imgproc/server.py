@@ -36,8 +36,9 @@ import numpy as np
 import zmq
 from mpi4py import MPI
 
-from . import __version__
-from .errors import ImgprocError, describe
+from . import __version__, datapaths
+from .errors import ImgprocError, PathRefused, describe, error_code
+from .imageio import output_path, write_atomic
 from .local_engines import ENGINES, default_workers, get_engine
 from .mpi_transport import Backoff, run_or_abort
 from .pipeline import Pipeline
@@ -93,6 +94,7 @@ class Options(argparse.Namespace):
     max_request_mb: float
     max_pixels: int
     curve_keys: str | None
+    data_root: str | None
     insecure: bool
     client_timeout: float
     in_flight: int | None
@@ -145,6 +147,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         type=_number(int, 1),
         default=400_000_000,
         help="pixels per image, input and every op's output",
+    )
+    parser.add_argument(
+        "--data-root",
+        metavar="DIR",
+        help="serve jobs by reference: clients name files under DIR, workers read and write them",
     )
     parser.add_argument("--curve-keys", metavar="DIR", help="enable CURVE with keys from DIR")
     parser.add_argument(
@@ -281,21 +288,33 @@ class ClientReplies(JobListener):
         fields.update(path=image.path, tiles=image.tiles_used)
         if image.plan is not None:
             fields["reason"] = image.plan.reason
+        frames: list[Any] = []
         if job.output == "pixels":
-            data: Any = np.ascontiguousarray(result.pixels)
-            fields.update(raw_fields(data))
+            frames.append(np.ascontiguousarray(result.pixels))
+            fields.update(raw_fields(frames[0]))
         else:
             fields["encoding"] = output_format(job.output, image.name)
             started = time.perf_counter()
             try:
-                data = result.encoded_as(fields["encoding"])
-            except ImgprocError as exc:
-                self.image_failed(job, image, exc.code, str(exc))
+                if job.targets is None:
+                    frames.append(result.encoded_as(fields["encoding"]))
+                else:  # by reference: a worker wrote it, or (tiled) rank 0 writes it now
+                    fields["written"] = self._written(job, image, result, fields["encoding"])
+            except (ImgprocError, OSError) as exc:
+                self.image_failed(job, image, error_code(exc), describe(exc))
                 return False
             finally:
                 job.times["encode"] += time.perf_counter() - started
-        self.server.reply(job.owner, pack("result", [data], **fields), job.id)
+        self.server.reply(job.owner, pack("result", frames, **fields), job.id)
         return True
+
+    def _written(self, job: Job, image: ImageWork, result: ImageResult, fmt: str) -> str:
+        """The output file of a by-reference image, named relative to the data root."""
+        assert job.targets is not None and self.server.root is not None
+        target = result.written or job.targets(image)
+        if result.written is None:
+            write_atomic(target, result.encoded_as(fmt))
+        return datapaths.relative(self.server.root, target)
 
     def image_failed(self, job: Job, image: ImageWork, code: str, message: str) -> None:
         fields = {"job": job.id, "index": image.index, "name": image.name}
@@ -340,6 +359,7 @@ class Server:
         self.tickets: dict[str, Ticket] = {}
         self.uploads: dict[str, list[ImageDesc]] = {}  # declared images of jobs still uploading
         self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.root = datapaths.data_root(options.data_root) if options.data_root else None
         self.dropped_replies = 0
         self.stopping = False
 
@@ -447,11 +467,32 @@ class Server:
     def _on_submit(self, identity: bytes, user: str | None, msg: Submit, data: list) -> None:
         if self.stopping:
             raise ProtocolError("shutting_down", "the server is shutting down")
-        if len(msg.images) > MAX_IMAGES_PER_REQUEST:
+        if bool(msg.images) == bool(msg.paths):
             raise ProtocolError(
-                "limit_exceeded",
-                f"{len(msg.images)} images in one request; at most {MAX_IMAGES_PER_REQUEST}",
+                "malformed",
+                "a submit names its images in 'images' (uploaded after 'accepted') or in "
+                "'paths' (files under the server's data root): one of them, not empty",
             )
+        count = len(msg.images) + len(msg.paths)
+        if count > MAX_IMAGES_PER_REQUEST:
+            raise ProtocolError(
+                "limit_exceeded", f"{count} images in one request; at most {MAX_IMAGES_PER_REQUEST}"
+            )
+        pipeline = Pipeline.from_json(pipeline_json(msg))
+        tile = self.options.tile if msg.tile == "auto" else msg.tile
+        job_id, token = f"j{secrets.token_urlsafe(16)}", secrets.token_urlsafe(16)
+        output = "pixels" if msg.result == "raw" else msg.result
+        job = Job(job_id, pipeline, tile, ClientReplies(self, msg.progress), identity, output)
+        refused = self._by_reference(job, msg) if msg.paths else self._expect_uploads(job, msg)
+        self.tickets[job_id] = Ticket(token, user)
+        self.reply(identity, pack("accepted", req=msg.req, job=job_id, token=token, images=count))
+        self.scheduler.add(job)
+        for index, why in refused.items():
+            self.scheduler.fail_image(job.images[index], PathRefused.code, why)
+
+    def _expect_uploads(self, job: Job, msg: Submit) -> dict[int, str]:
+        """Images whose data will come in ``upload`` messages: checked from their declared
+        sizes, before a byte of them is accepted."""
         for i, desc in enumerate(msg.images):
             check_image_desc(i, desc)
         size = sum(d.size for d in msg.images)
@@ -461,21 +502,45 @@ class Server:
                 f"request of {size} bytes is over the limit of {self.max_request} bytes "
                 "(--max-request-mb)",
             )
-        pipeline = Pipeline.from_json(pipeline_json(msg))
-        tile = self.options.tile if msg.tile == "auto" else msg.tile
-        job_id, token = f"j{secrets.token_urlsafe(16)}", secrets.token_urlsafe(16)
-        output = "pixels" if msg.result == "raw" else msg.result
-        replies = ClientReplies(self, progress=msg.progress)
-        job = Job(job_id, pipeline, tile, replies, owner=identity, output=output)
         job.images = [
             ImageWork(job, i, ImageSource(d.name or f"image{i}"), uploaded=False)
             for i, d in enumerate(msg.images)
         ]
-        self.tickets[job_id] = Ticket(token, user)
-        self.uploads[job_id] = list(msg.images)
-        fields = {"job": job_id, "token": token, "images": len(msg.images)}
-        self.reply(identity, pack("accepted", req=msg.req, **fields))
-        self.scheduler.add(job)
+        self.uploads[job.id] = list(msg.images)
+        return {}
+
+    def _by_reference(self, job: Job, msg: Submit) -> dict[int, str]:
+        """Images named by path: workers read them and write ``output`` themselves.  Every path
+        is confined to the data root; an input that cannot be used fails alone."""
+        if self.root is None:
+            raise ProtocolError(
+                "by_reference_disabled",
+                "this server takes no paths (start it with --data-root DIR), upload the images",
+            )
+        if msg.result == "raw" or not msg.output:
+            raise ProtocolError(
+                "malformed",
+                "a by-reference submit writes files: it needs 'output' (a folder under the "
+                "data root) and 'result' png, jpg, tif or same",
+            )
+        outdir = datapaths.inside(self.root, msg.output, "output")
+        if outdir.exists() and not outdir.is_dir():
+            raise PathRefused(f"output {msg.output!r} is not a folder")
+        refused: dict[int, str] = {}
+        targets: dict[int, str] = {}
+        for i, path in enumerate(msg.paths):
+            image = ImageWork(job, i, ImageSource(os.path.basename(path) or f"image{i}"))
+            job.images.append(image)
+            try:
+                image.source.path = str(datapaths.input_file(self.root, path))
+                target = output_path(image.source.path, outdir, msg.result)
+                _check_target(path, target, image.source.path, targets, msg.overwrite)
+                targets[i] = str(target)
+            except PathRefused as exc:
+                refused[i] = str(exc)
+        outdir.mkdir(parents=True, exist_ok=True)
+        job.shared_fs, job.targets = True, lambda image: targets[image.index]
+        return refused
 
     def _on_upload(self, identity: bytes, user: str | None, msg: Upload, data: list) -> None:
         job = self._owned(msg.job, msg.token, user)
@@ -620,6 +685,19 @@ class Server:
             self.tickets.pop(old, None)
 
 
+def _check_target(
+    path: str, target: Path, source: str, taken: dict[int, str], overwrite: bool
+) -> None:
+    """Refuse an output that would destroy data: its own input, another image's output, or
+    (without ``overwrite``) a file that is already there."""
+    if str(target) == source:
+        raise PathRefused(f"input {path!r}: its output would overwrite it; choose another output")
+    if str(target) in taken.values():
+        raise PathRefused(f"input {path!r}: another input of this job has the same output")
+    if target.exists() and not overwrite:
+        raise PathRefused(f"input {path!r}: output {target.name} exists (overwrite: true)")
+
+
 def _curve_user(frame: zmq.Frame) -> str | None:
     """The CURVE public key (Z85) the ZAP handler authenticated this message's sender with."""
     try:
@@ -665,6 +743,8 @@ def open_front(options: Options) -> Front | str:
         sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
         sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
+        if options.data_root:
+            datapaths.data_root(options.data_root)  # refused now, not at the first job
         if options.curve_keys:
             front.auth = _start_curve(ctx, sock, Path(options.curve_keys))
         sock.bind(options.bind)
@@ -729,6 +809,7 @@ def run_rank0(comm: MPI.Comm, options: Options, front: Front) -> None:
                 "max_header_bytes": HEADER_LIMIT,
             },
             "curve": bool(options.curve_keys),
+            "by_reference": bool(options.data_root),
         }
         alone = " (alone: rank 0 serves and processes with its local engine)" if size == 1 else ""
         print(f"mpi_imgproc server listening on {front.address}", flush=True)

@@ -1,0 +1,145 @@
+"""Jobs by reference: files named under the server's --data-root, read and written by workers,
+every path confined to the root."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+from cluster import mpi_command, running_cluster
+from conftest import random_image, write_images
+
+from mpi_imgproc.pipeline import Pipeline
+from mpi_imgproc.protocol import decode_reply
+
+pytestmark = pytest.mark.timeout(120)
+BLUR = ["gaussian_blur:ksize=5"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_images(root / "in", 3, size=(60, 80))
+    cv2.imwrite(str(root / "in" / "big.png"), random_image(np.random.default_rng(1), 300, 260))
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(root):
+    with running_cluster(3, "--data-root", str(root)) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def dealer(server):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    yield sock
+    sock.close()
+
+
+def run(sock, **submit) -> tuple[dict, list[tuple[dict, list]]]:
+    """Submit by reference; the accepted reply (or error) and every job message until done."""
+    header = {"v": 2, "type": "submit", "pipeline": BLUR, "result": "png", **submit}
+    sock.send_multipart([json.dumps(header).encode()])
+    assert sock.poll(20000)
+    first = json.loads(sock.recv_multipart()[0])
+    messages: list[tuple[dict, list]] = []
+    while first["type"] == "accepted" and (not messages or messages[-1][0]["type"] != "done"):
+        assert sock.poll(30000), "no reply"
+        head, *frames = sock.recv_multipart()
+        decode_reply(head)
+        messages.append((json.loads(head), frames))
+    return first, messages
+
+
+def by_type(messages, kind: str) -> list[dict]:
+    return [h for h, _ in messages if h["type"] == kind]
+
+
+def test_workers_read_and_write_the_files_and_results_name_them(root, dealer):
+    paths = ["in/img000.png", "in/img001.png", str(root / "in" / "big.png")]
+    accepted, messages = run(dealer, paths=paths, output="out1", tile=64)
+    assert accepted["images"] == 3
+    results = by_type(messages, "result")
+    assert sorted(r["written"] for r in results) == [
+        "out1/big.png",
+        "out1/img000.png",
+        "out1/img001.png",
+    ]
+    assert all(frames == [] for h, frames in messages if h["type"] == "result")
+    assert {r["path"] for r in results} == {"tiled"}  # the big one was tiled, rank 0 wrote it
+    for name in ("img000.png", "img001.png", "big.png"):
+        source = cv2.imread(str(root / "in" / name), cv2.IMREAD_UNCHANGED)
+        written = cv2.imread(str(root / "out1" / name), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(written, Pipeline.parse(BLUR).apply(source))
+    assert not [f for f in os.listdir(root / "out1") if f.endswith(".part")]
+
+
+def test_paths_that_leave_the_root_fail_alone(root, dealer, tmp_path):
+    outside = tmp_path / "secret.png"
+    cv2.imwrite(str(outside), np.zeros((5, 5), np.uint8))
+    (root / "in" / "link.png").unlink(missing_ok=True)
+    (root / "in" / "link.png").symlink_to(outside)
+    fifo = root / "in" / "fifo.png"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    paths = [
+        "../" * 6 + str(outside).lstrip("/"),
+        str(outside),
+        "in/link.png",
+        "in/fifo.png",
+        "in/none.png",
+        "in/img002.png",
+    ]
+    _, messages = run(dealer, paths=paths, output="out2", tile=0)
+    errors = {e["index"]: e for e in by_type(messages, "image_error")}
+    assert set(errors) == {0, 1, 2, 3, 4}
+    assert all(e["code"] == "path_refused" for e in errors.values())
+    assert "outside the server's data root" in errors[2]["message"]
+    assert "not a regular file" in errors[3]["message"]
+    assert [r["written"] for r in by_type(messages, "result")] == ["out2/img002.png"]
+    assert not (tmp_path / "out2").exists()
+
+
+def test_outputs_never_overwrite_inputs_or_existing_files_unless_asked(root, dealer):
+    _, messages = run(dealer, paths=["in/img000.png"], output="in", result="same")
+    assert "would overwrite it" in by_type(messages, "image_error")[0]["message"]
+    run(dealer, paths=["in/img001.png"], output="out3")
+    _, again = run(dealer, paths=["in/img001.png"], output="out3")
+    assert "exists" in by_type(again, "image_error")[0]["message"]
+    _, forced = run(dealer, paths=["in/img001.png"], output="out3", overwrite=True)
+    assert by_type(forced, "result")[0]["written"] == "out3/img001.png"
+
+
+def test_an_output_outside_the_root_is_refused(dealer):
+    reply, _ = run(dealer, paths=["in/img000.png"], output="../elsewhere")
+    assert reply["type"] == "error" and reply["code"] == "path_refused"
+
+
+def test_a_server_without_a_data_root_takes_no_paths():
+    with running_cluster(2) as plain:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(plain.address)
+        reply, _ = run(sock, paths=["/etc/passwd"], output="/tmp")
+        sock.close(linger=0)
+    assert reply["code"] == "by_reference_disabled"
+
+
+def test_a_missing_data_root_ends_the_server_with_one_line(tmp_path):
+    cmd = mpi_command(
+        2,
+        "mpi_imgproc.server",
+        "--bind",
+        "tcp://127.0.0.1:*",
+        "--data-root",
+        str(tmp_path / "nope"),
+    )
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no such folder" in done.stderr, done.stderr
