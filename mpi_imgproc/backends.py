@@ -10,7 +10,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .errors import ImgprocError, describe, error_code
-from .imagetask import run_image_task
+from .imagetask import run_image_task, run_region_tasks
 from .local_engines import Engine
 from .mpi_transport import (
     TAG_BYE,
@@ -220,6 +220,11 @@ class LocalBackend(Backend):
         try:
             if task.tile is None:
                 result, fields = run_image_task(task.header, task.payload)
+            elif task.header.get("kind") == "region":
+                result = None
+                failure = run_region_tasks(self.engine, [task.header])[0]
+                if failure is not None:
+                    raise failure
             else:
                 stage = stage_from_text(task.header["stage"])
                 result = self.engine.run(stage, [task.payload], [task.tile.margins])[0]

@@ -94,3 +94,41 @@ def run_image_task(
     fields["written"] = spec["target"]
     fields["bytes"] = len(data)
     return None, fields
+
+
+def run_region_tasks(engine: Any, headers: list[dict[str, Any]]) -> list[Any]:
+    """Region tasks of one stage: each reads its region of ``source`` (never the whole image),
+    runs the stage, and writes its core into ``target``; None or the exception, per task.
+
+    The regions go through the engine as one batch, so its workers share them; a batch that
+    fails is run again task by task to find which one.
+    """
+    from .pipeline import stage_from_text
+    from .regionio import open_region, write_region
+
+    stage = stage_from_text(headers[0]["stage"])
+    readers: dict[str, Any] = {}
+
+    def run(batch: list[dict[str, Any]]) -> None:
+        regions = []
+        for h in batch:
+            if h["source"] not in readers:
+                readers[h["source"]] = open_region(h["source"])
+            regions.append(readers[h["source"]].read(*h["region"]))
+        results = engine.run(stage, regions, [tuple(h["margins"]) for h in batch])
+        for h, result in zip(batch, results):
+            write_region(h["target"], h["core"][0], h["core"][2], result)
+
+    try:
+        run(headers)
+        return [None] * len(headers)
+    except Exception:  # noqa: BLE001 - find the failing task by running them one by one
+        pass
+    outcomes: list[Any] = []
+    for header in headers:
+        try:
+            run([header])
+            outcomes.append(None)
+        except Exception as exc:  # noqa: BLE001 - reported to rank 0 as this task's error
+            outcomes.append(exc)
+    return outcomes

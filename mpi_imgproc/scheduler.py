@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,20 +28,23 @@ import numpy as np
 from .errors import describe, error_code
 from .imageio import encode
 from .imagetask import ENCODED, PATH, PIXELS, as_buffer
-from .pipeline import Pipeline, ReduceStage, Stage
+from .pipeline import Pipeline, ReduceStage, Stage, TiledStage
 from .planner import (
     DEFAULT_CUTOVER_S,
     DEFAULT_INLINE_S,
+    MAX_TILES_PER_IMAGE,
     ImageSource,
     Plan,
     bound_tiles,
     plan_image,
 )
+from .regionio import REGION_SUFFIXES, create_output, open_region, partial_name
 from .tiling import Merger, Tile, split_with_halo
 
 # Where a job's time goes, summed over its images and tasks (seconds).  Rank 0 measures decode
 # (of tiled images), split, send, receive and merge; workers report compute, and the decode and
 # encode they do for whole images; the front adds its own encode.
+REGION_TASK_BYTES = 16 * 2**20  # input bytes per region task: a strip a worker reads at once
 TIMED_STAGES = ("decode", "split", "send", "compute", "receive", "merge", "encode")
 
 
@@ -105,6 +111,7 @@ class ImageWork:
     started_at: float = 0.0
     finished: bool = False
     uploaded: bool = True  # False until a client's upload of it arrives (server jobs)
+    partial: str | None = None  # a region output being filled, renamed into place when done
 
     @property
     def name(self) -> str:
@@ -330,8 +337,11 @@ class Scheduler:
     # -- images and stages ----------------------------------------------------------------
 
     def _start_image(self, image: ImageWork) -> None:
-        """Plan the image; send it whole as one task, or decode it here and start stage one."""
+        """Plan the image; send it whole as one task, or decode it here and start stage one;
+        or, for a file in a format built for random access, hand out regions of it."""
         job = image.job
+        if job.shared_fs and job.targets is not None and self._start_regions(image):
+            return
         if image.source.path and image.source.data is None and not job.shared_fs:
             try:  # read once: probed and sent from memory
                 image.source.data = image.source.encoded()
@@ -372,6 +382,48 @@ class Scheduler:
         image.plan = bound_tiles(image.plan, *pixels.shape[:2], job.pipeline.halo)
         image.stages = list(job.pipeline.stages)
         self._start_stage(image)
+
+    def _start_regions(self, image: ImageWork) -> bool:
+        """Start a by-reference image as region tasks, if its pipeline is one tiled stage and
+        its input and output are region formats: each worker reads its strip (plus halo) and
+        writes its rows of the output itself, and rank 0 moves only task descriptions.  No
+        process ever holds the image, so the pixel limit does not apply.  False: not such an
+        image (it goes the usual way)."""
+        job, source = image.job, image.source.path
+        stages = job.pipeline.stages
+        assert job.targets is not None
+        target = job.targets(image)
+        if (
+            source is None
+            or len(stages) != 1
+            or type(stages[0]) is not TiledStage
+            or Path(source).suffix.lower() not in REGION_SUFFIXES
+            or Path(target).suffix.lower() not in REGION_SUFFIXES
+        ):
+            return False
+        try:
+            reader = open_region(source)
+            if reader is None:
+                return False
+            image.partial = partial_name(target)
+            create_output(image.partial, job.pipeline.output_shape(reader.shape), reader.dtype)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
+            self._fail_image(image, error_code(exc), describe(exc))
+            return True
+        height, width = reader.shape[:2]
+        row_bytes = width * math.prod(reader.shape[2:]) * reader.dtype.itemsize
+        rows = max(16, stages[0].halo, REGION_TASK_BYTES // max(1, row_bytes))
+        rows = max(rows, math.ceil(height / MAX_TILES_PER_IMAGE))
+        image.plan = Plan(
+            "regions", rows, True, f"read and written by regions: strips of {rows} rows"
+        )
+        stage_json = json.dumps(stages[0].to_json(), separators=(",", ":"))
+        for tile in split_with_halo(height, width, rows, stages[0].halo, full_rows=True):
+            header = {"kind": "region", "stage": stage_json, "source": source}
+            header.update(target=image.partial, region=tile.region, core=tile.core)
+            header["margins"] = tile.margins
+            self._queue(image, (header, None), tile)
+        return True
 
     def _image_task(self, image: ImageWork) -> tuple[dict[str, Any], np.ndarray | None]:
         """Header and payload of a whole-image task (see :mod:`mpi_imgproc.imagetask`)."""
@@ -463,6 +515,16 @@ class Scheduler:
         if task.tile is None:
             self._whole_image_done(image, done)
             return
+        if image.partial is not None:  # a region task: its rows are in the output file
+            image.pending -= 1
+            if image.pending == 0:
+                assert job.targets is not None
+                os.replace(image.partial, job.targets(image))
+                image.partial = None
+                self._image_done(image, ImageResult(written=job.targets(image)))
+            else:
+                job.listener.progress(job, False)
+            return
         assert done.result is not None
         stage = image.stages[image.stage_no]
         if isinstance(stage, ReduceStage):
@@ -524,6 +586,9 @@ class Scheduler:
         job = image.job
         image.finished, image.pixels, image.merger = True, None, None
         image.source.pixels = image.source.data = None
+        if image.partial is not None:  # never leave a half-written output behind
+            Path(image.partial).unlink(missing_ok=True)
+            image.partial = None
         job.ready = deque(t for t in job.ready if t.image is not image)
         job.failed += 1
         job.images_done += 1

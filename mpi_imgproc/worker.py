@@ -30,7 +30,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .errors import describe, error_code
-from .imagetask import run_image_task
+from .imagetask import run_image_task, run_region_tasks
 from .local_engines import Engine
 from .mpi_transport import (
     TAG_BYE,
@@ -139,16 +139,18 @@ def _run_images(engine: Engine, tasks: list[Task]) -> list[Any]:
 def _run_round(engine: Engine, tasks: list[Task]) -> list[Outcome]:
     """Run tasks as the engine likes them (tiles of one stage as one batch, whole images side
     by side); each task's result or error with its share of the batch's time."""
-    batches: dict[str, list[Task]] = defaultdict(list)
+    batches: dict[tuple[str, str], list[Task]] = defaultdict(list)
     for task in tasks:
-        batches[task[0].get("stage", "image")].append(task)
+        batches[task[0].get("kind", "tile"), task[0].get("stage", "")].append(task)
     outcomes: list[Outcome] = []
-    for key, batch in batches.items():
+    for (kind, stage), batch in batches.items():
         started, cpu_started = time.perf_counter(), time.process_time()
-        if key == "image":
+        if kind == "image":
             results = _run_images(engine, batch)
+        elif kind == "region":
+            results = run_region_tasks(engine, [h for h, _ in batch])
         else:
-            results = _run_batch(engine, key, batch)
+            results = _run_batch(engine, stage, batch)
         busy = (time.perf_counter() - started) / len(batch)
         cpu = (time.process_time() - cpu_started) / len(batch)
         outcomes.extend((h["task"], r, busy, cpu) for (h, _), r in zip(batch, results))

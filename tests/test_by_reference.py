@@ -143,3 +143,40 @@ def test_a_missing_data_root_ends_the_server_with_one_line(tmp_path):
     )
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no such folder" in done.stderr, done.stderr
+
+
+@pytest.fixture(scope="module")
+def region_inputs(root):
+    """A striped, a tiled (zlib) and an uncompressed TIFF, and a .npy, of one image."""
+    import tifffile
+
+    image = random_image(np.random.default_rng(7), 700, 530, 3, np.uint16)
+    rgb = image[..., ::-1]
+    folder = root / "regions"
+    folder.mkdir()
+    tifffile.imwrite(folder / "strips.tif", rgb, rowsperstrip=37, compression="zlib")
+    tifffile.imwrite(folder / "tiles.tif", rgb, tile=(64, 128), compression="zlib")
+    tifffile.imwrite(folder / "plain.tif", rgb)
+    np.save(folder / "raw.npy", image)
+    return image, [
+        "regions/strips.tif",
+        "regions/tiles.tif",
+        "regions/plain.tif",
+        "regions/raw.npy",
+    ]
+
+
+@pytest.mark.parametrize("ops", [BLUR, ["median_blur:ksize=5", "sharpen", "grayscale"]])
+def test_region_formats_are_read_and_written_by_regions_exactly(root, dealer, region_inputs, ops):
+    image, paths = region_inputs
+    out = f"out-regions-{len(ops)}"
+    _, messages = run(dealer, paths=paths, output=out, result="same", pipeline=ops)
+    results = by_type(messages, "result")
+    assert not by_type(messages, "image_error") and len(results) == 4
+    assert {r["path"] for r in results} == {"regions"}
+    expected = Pipeline.parse(ops).apply(image)
+    for name in ("strips.tif", "tiles.tif", "plain.tif"):
+        written = cv2.imread(str(root / out / name), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(written, expected), name
+    assert np.array_equal(np.load(root / out / "raw.npy"), expected)
+    assert not [f for f in os.listdir(root / out) if ".part" in f]

@@ -1,0 +1,157 @@
+"""Read and write rectangles of an image file without ever holding the whole image.
+
+Formats built for random access: raw NumPy ``.npy`` (memory-mapped) and TIFF/BigTIFF through
+tifffile: an uncompressed contiguous page is memory-mapped; a striped or tiled page (any codec
+tifffile decodes) is read strip by strip or tile by tile, only those the rectangle touches.
+Outputs are uncompressed BigTIFF or ``.npy``, preallocated once, then filled by each worker for
+its own strip through a memory map, so several processes write one file side by side.
+
+Pixels use the project's channel order (gray, BGR, BGRA, as OpenCV decodes files); TIFF stores
+RGB(A), so colour channels are reversed on the way in and out.  tifffile was chosen over
+writing a TIFF reader: it knows every layout and codec, and exposes the per-segment decoder
+that region reads need.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from .errors import ImageReadError, ImageWriteError
+
+REGION_SUFFIXES = (".npy", ".tif", ".tiff")
+_DTYPES = (np.uint8, np.uint16)
+
+
+def _to_bgr(block: np.ndarray) -> np.ndarray:
+    if block.ndim == 3 and block.shape[2] in (3, 4):
+        order = [2, 1, 0, 3][: block.shape[2]]
+        return block[..., order]
+    return block
+
+
+class RegionReader:
+    """Random access to one image: ``shape``, ``dtype`` and ``read(y0, y1, x0, x1)``."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        raise NotImplementedError
+
+
+class NpyReader(RegionReader):
+    def __init__(self, path: str):
+        self.array = np.load(path, mmap_mode="r", allow_pickle=False)
+        self.shape, self.dtype = self.array.shape, self.array.dtype
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return np.array(self.array[y0:y1, x0:x1])
+
+
+class TiffReader(RegionReader):
+    """The first page of a TIFF, by memory map or by the strips/tiles a rectangle touches."""
+
+    def __init__(self, path: str):
+        self.tif = tifffile.TiffFile(path)
+        page = self.tif.pages.first
+        if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:
+            raise ImageReadError("planar-separate TIFF has no region access here")
+        self.page = page
+        self.shape, self.dtype = page.shape, np.dtype(page.dtype)
+        self.memmap = page.asarray(out="memmap") if page.is_memmappable else None
+        self.chunk = page.chunks[:2]  # rows, columns of one strip or tile
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        if self.memmap is not None:
+            return _to_bgr(np.array(self.memmap[y0:y1, x0:x1]))
+        out = np.empty((y1 - y0, x1 - x0, *self.shape[2:]), self.dtype)
+        rows, cols = self.chunk
+        across = math.ceil(self.shape[1] / cols)
+        wanted = [
+            r * across + c
+            for r in range(y0 // rows, math.ceil(y1 / rows))
+            for c in range(x0 // cols, math.ceil(x1 / cols))
+        ]
+        offsets = [self.page.dataoffsets[i] for i in wanted]
+        counts = [self.page.databytecounts[i] for i in wanted]
+        decode = self.page.decode
+        fh = self.tif.filehandle
+        for (data, index), _ in zip(fh.read_segments(offsets, counts, wanted, sort=True), wanted):
+            segment, _, _ = decode(data, index, jpegtables=self.page.jpegtables)
+            top, left = (index // across) * rows, (index % across) * cols
+            segment = segment.reshape(segment.shape[-3:])  # (rows, cols, samples)
+            self._paste(out, segment, top, left, y0, x0)
+        return _to_bgr(out)
+
+    def _paste(self, out, segment, top, left, y0, x0) -> None:
+        sy0, sx0 = max(top, y0), max(left, x0)
+        sy1 = min(top + segment.shape[0], y0 + out.shape[0], self.shape[0])
+        sx1 = min(left + segment.shape[1], x0 + out.shape[1], self.shape[1])
+        if sy1 <= sy0 or sx1 <= sx0:
+            return
+        block = segment[sy0 - top : sy1 - top, sx0 - left : sx1 - left]
+        target = out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
+        target[...] = block.reshape(target.shape)
+
+
+def open_region(path: str) -> RegionReader | None:
+    """A region reader for ``path``, or None if its format has no random access here.
+
+    Raises ImageReadError for a file of a region format that cannot be read.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in REGION_SUFFIXES:
+        return None
+    try:
+        reader: RegionReader = NpyReader(path) if suffix == ".npy" else TiffReader(path)
+    except (OSError, ValueError, tifffile.TiffFileError) as exc:
+        raise ImageReadError(f"cannot read for regions: {exc}") from None
+    shape, dtype = reader.shape, reader.dtype
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
+        raise ImageReadError(f"region input must be gray, BGR or BGRA; shape {shape}")
+    if dtype not in _DTYPES:
+        raise ImageReadError(f"region input must be 8- or 16-bit; got {dtype}")
+    return reader
+
+
+def create_output(path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Preallocate an output that workers fill region by region (``write_region``)."""
+    try:
+        if Path(path).suffix.lower() == ".npy":
+            np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+            return
+        channels = shape[2] if len(shape) == 3 else 1
+        extra = {"extrasamples": ["unassalpha"]} if channels == 4 else {}
+        photometric = "rgb" if channels in (3, 4) else "minisblack"
+        out = tifffile.memmap(
+            path, shape=shape, dtype=dtype, bigtiff=True, photometric=photometric, **extra
+        )
+        out.flush()
+        del out
+    except (OSError, ValueError) as exc:
+        raise ImageWriteError(f"cannot create {path}: {exc}") from None
+
+
+def write_region(path: str, y0: int, x0: int, block: np.ndarray) -> None:
+    """Write ``block`` (project channel order) at ``(y0, x0)`` of an output made by
+    ``create_output``; other processes may be writing other rows at the same time."""
+    if Path(path).suffix.lower() == ".npy":
+        out = np.load(path, mmap_mode="r+", allow_pickle=False)
+    else:
+        out = tifffile.memmap(path, mode="r+")
+        block = _to_bgr(block)  # BGR -> RGB is the same reversal
+    out[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block.reshape(
+        out[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]].shape
+    )
+    out.flush()
+    del out
+
+
+def partial_name(target: str) -> str:
+    """Where an output is built before it is renamed into place (same folder, same suffix)."""
+    path = Path(target)
+    return str(path.with_name(f".{path.stem}.part{path.suffix}"))
