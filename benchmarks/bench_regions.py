@@ -1,0 +1,96 @@
+"""Large images by reference: regions read and written by the workers, against one process.
+
+One 8000×8000 BGR ``gaussian_blur:ksize=9`` (``--size`` to change), in one run:
+
+* ``opencv``: one process loads the ``.npy``, blurs it with OpenCV (its own threads), saves it;
+* ``regions-npy`` / ``regions-tiff``: ``mpiexec -n RANKS`` with ``--data-root``, the job names
+  the file; workers read their strips (a tiled, zlib-compressed BigTIFF for ``tiff``) and write
+  their rows of the output; rank 0 moves only task descriptions.
+
+Every output is checked equal to the one-process result.  Ratios are against ``opencv``.
+Run: ``python benchmarks/bench_regions.py [--size 8000] [--ranks 3] [--repeat 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+import zmq
+
+from mpi_imgproc.launch import running_cluster
+
+OPS = ["gaussian_blur:ksize=9"]
+
+
+def by_reference(address: str, path: str, output: str) -> float:
+    """Seconds from the submit to its ``done``, with raw pyzmq (the protocol, nothing else)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(address)
+    started = time.perf_counter()
+    header = {"v": 2, "type": "submit", "pipeline": OPS, "paths": [path], "output": output}
+    sock.send_json({**header, "result": "same", "overwrite": True})
+    while True:
+        assert sock.poll(300_000), "no reply"
+        reply = json.loads(sock.recv_multipart()[0])
+        if reply["type"] in ("error", "image_error"):
+            raise RuntimeError(reply["message"])
+        if reply["type"] == "done":
+            break
+    sock.close(linger=0)
+    return time.perf_counter() - started
+
+
+def one_process(source: Path, target: Path) -> float:
+    started = time.perf_counter()
+    image = np.load(source)
+    np.save(target, cv2.GaussianBlur(image, (9, 9), 0))
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=8000)
+    parser.add_argument("--ranks", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        rng = np.random.default_rng(0)
+        image = rng.integers(0, 256, (args.size, args.size, 3), np.uint8)
+        np.save(root / "in.npy", image)
+        tifffile.imwrite(
+            root / "in.tif", image[..., ::-1], tile=(512, 512), compression="zlib", bigtiff=True
+        )
+        times = {
+            "opencv": [one_process(root / "in.npy", root / "ref.npy") for _ in range(args.repeat)]
+        }
+        expected = np.load(root / "ref.npy")
+        with running_cluster(args.ranks, "--data-root", str(root)) as cluster:
+            for name, path in (("regions-npy", "in.npy"), ("regions-tiff", "in.tif")):
+                times[name] = [
+                    by_reference(cluster.address, path, "out") for _ in range(args.repeat)
+                ]
+        assert np.array_equal(np.load(root / "out" / "in.npy"), expected)
+        assert np.array_equal(
+            cv2.imread(str(root / "out" / "in.tif"), cv2.IMREAD_UNCHANGED), expected
+        )
+    base = statistics.median(times["opencv"])
+    print(f"{args.size}x{args.size} BGR {OPS[0]}, -n {args.ranks}, median of {args.repeat}")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        print(
+            f"  {name:13s} {median:7.3f} s  ({min(samples):.3f}-{max(samples):.3f})"
+            f"  {median / base:5.2f}x one process"
+        )
+
+
+if __name__ == "__main__":
+    main()
