@@ -29,7 +29,8 @@ shape without running it (limits are checked before the memory is spent).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import difflib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,10 @@ class Op:
     # For ops whose output shape differs from their input's: (canonical input shape, bound
     # params) -> output shape.  None: the output has the input's shape.
     shape_rule: Callable[[tuple[int, ...], Mapping[str, Any]], tuple[int, ...]] | None = None
+    # For geometric ops that only re-index pixels (crop, flip, quarter turns): (image, bound
+    # params) -> the result as a NumPy view, equal to ``func``'s but made without a copy, so a
+    # pipeline applies it where the image is and the next stage's tiles read through it.
+    view: Callable[..., np.ndarray] | None = None
 
     @property
     def tileable(self) -> bool:
@@ -168,6 +173,7 @@ class Op:
             allowed = ", ".join(sorted(known)) or "none"
             raise InvalidParameter(
                 f"{self.name}: unknown parameter {unknown[0]!r} (parameters: {allowed})"
+                + did_you_mean(unknown[0], known)
             )
         values = {}
         for p in self.params:
@@ -280,7 +286,15 @@ def get_op(name: str) -> Op:
     try:
         return REGISTRY[name.strip().lower()]
     except KeyError:
-        raise UnknownOp(f"unknown op {name!r}; known ops: {', '.join(sorted(REGISTRY))}") from None
+        known = ", ".join(sorted(REGISTRY))
+        hint = did_you_mean(name.strip().lower(), REGISTRY)
+        raise UnknownOp(f"unknown op {name!r}; known ops: {known}{hint}") from None
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the known name closest to a misspelt one, else ``""``."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 # --------------------------------------------------------------------------- point ops
@@ -777,6 +791,12 @@ def crop(image: np.ndarray, x: int, y: int, width: int, height: int) -> np.ndarr
     return image[y0:y1, x0:x1].copy()
 
 
+def crop_view(image: np.ndarray, x: int, y: int, width: int, height: int) -> np.ndarray:
+    """``crop`` as a view."""
+    x0, y0, x1, y1 = crop_box(image.shape[0], image.shape[1], locals())
+    return image[y0:y1, x0:x1]
+
+
 def _resize_rule(shape: tuple[int, ...], p: Mapping[str, Any]) -> tuple[int, ...]:
     return (*resize_shape(shape[0], shape[1], p), *shape[2:])
 
@@ -799,12 +819,24 @@ def rotate(image: np.ndarray, angle: int) -> np.ndarray:
     return cv2.rotate(image, _ROTATIONS[angle])
 
 
+def rotate_view(image: np.ndarray, angle: int) -> np.ndarray:
+    """``rotate`` as a view (clockwise quarter turns are negative turns for NumPy)."""
+    return np.rot90(image, k=-angle // 90, axes=(0, 1))
+
+
 _FLIPS = {"horizontal": 1, "vertical": 0, "both": -1}
 
 
 def flip(image: np.ndarray, axis: str) -> np.ndarray:
     """Mirror left-right (horizontal), top-bottom (vertical) or both."""
     return cv2.flip(image, _FLIPS[axis])
+
+
+def flip_view(image: np.ndarray, axis: str) -> np.ndarray:
+    """``flip`` as a view."""
+    rows = slice(None, None, -1) if axis in ("vertical", "both") else slice(None)
+    cols = slice(None, None, -1) if axis in ("horizontal", "both") else slice(None)
+    return image[rows, cols]
 
 
 _register(
@@ -836,6 +868,7 @@ _register(
             Param("height", int, 0, "height (0 = to the bottom edge)", minimum=0),
         ),
         shape_rule=_crop_rule,
+        view=crop_view,
     )
 )
 _register(
@@ -846,6 +879,7 @@ _register(
         rotate,
         (Param("angle", int, 90, "clockwise degrees", choices=(90, 180, 270)),),
         shape_rule=_rotate_rule,
+        view=rotate_view,
     )
 )
 _register(
@@ -855,5 +889,6 @@ _register(
         flip.__doc__ or "",
         flip,
         (Param("axis", str, "horizontal", "mirror axis", choices=tuple(_FLIPS)),),
+        view=flip_view,
     )
 )

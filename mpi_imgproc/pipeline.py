@@ -9,7 +9,8 @@ the whole-image result:
 * ``TiledStage``  — a run of point and neighbourhood ops; its halo is the sum of their radii.
 * ``ReduceStage`` / ``ApplyStage`` — the two phases of a global op with a statistic
   (per-tile histograms are summed, then applied per tile).
-* ``WholeStage``  — ops that need the whole image at once (Canny, geometric ops): one tile.
+* ``ViewStage``   — crop, flip and quarter turns: a NumPy view made where the image is.
+* ``WholeStage``  — ops that need the whole image at once (Canny, resize): one tile.
 
 Every stage has ``process(pixels) -> pixels`` and a JSON form, which is what engines, worker
 processes and MPI ranks receive.
@@ -212,7 +213,9 @@ class Pipeline:
             if run:
                 stages.append(TiledStage(tuple(run)))
                 run = []
-            if step.op.two_phase:
+            if step.op.view is not None:
+                stages.append(ViewStage(step))
+            elif step.op.two_phase:
                 stages.append(ReduceStage(step))
             else:
                 stages.append(WholeStage((step,)))
@@ -273,6 +276,26 @@ class WholeStage(TiledStage):
 
 
 @dataclass(frozen=True)
+class ViewStage(Stage):
+    """Crop, flip or a quarter turn: a view of the same pixels, made where the image is.
+
+    It costs no task and no copy, and never runs on the whole image as a stage of its own:
+    the next stage's tiles read through the view (a tile region is copied only when it is
+    sent), so ``crop -> sharpen`` cuts the crop's tiles straight from the source.
+    """
+
+    step: Step
+
+    def process(self, pixels: np.ndarray) -> np.ndarray:
+        self.step.op.check_image(pixels)
+        assert self.step.op.view is not None
+        return self.step.op.view(pixels, **self.step.params)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": "view", "steps": [self.step.to_json()]}
+
+
+@dataclass(frozen=True)
 class ReduceStage(Stage):
     """Phase one of a global op: each tile yields a statistic; statistics are summed."""
 
@@ -327,6 +350,8 @@ def stage_from_json(data: Mapping[str, Any]) -> Stage:
         return WholeStage(steps)
     if kind == "reduce":
         return ReduceStage(steps[0])
+    if kind == "view":
+        return ViewStage(steps[0])
     if kind == "apply":
         return ApplyStage(steps[0], np.asarray(data["statistic"], dtype=np.int64))
     raise InvalidPipeline(f"unknown stage kind {kind!r}")

@@ -28,7 +28,7 @@ import numpy as np
 from .errors import describe, error_code
 from .imageio import encode
 from .imagetask import ENCODED, PATH, PIXELS, as_buffer
-from .pipeline import Pipeline, ReduceStage, Stage, TiledStage
+from .pipeline import Pipeline, ReduceStage, Stage, TiledStage, ViewStage
 from .planner import (
     DEFAULT_CUTOVER_S,
     DEFAULT_INLINE_S,
@@ -462,9 +462,21 @@ class Scheduler:
         image.job.ready.append(Task(next(self._task_ids), image, header, payload, tile))
 
     def _start_stage(self, image: ImageWork) -> None:
+        """Cut the image's current stage into tasks; views (crop, flip, quarter turns) are
+        applied here first, and an image with no stage left is done."""
         started = time.perf_counter()
-        self._cut_stage(image)
+        while image.stage_no < len(image.stages) and isinstance(
+            image.stages[image.stage_no], ViewStage
+        ):
+            assert image.pixels is not None
+            image.pixels = image.stages[image.stage_no].process(image.pixels)
+            image.stage_no += 1
+        if image.stage_no < len(image.stages):
+            self._cut_stage(image)
         image.job.times["split"] += time.perf_counter() - started
+        if image.stage_no == len(image.stages):
+            pixels, image.pixels = np.ascontiguousarray(image.pixels), None
+            self._image_done(image, ImageResult(pixels=pixels))
 
     def _cut_stage(self, image: ImageWork) -> None:
         assert image.pixels is not None
@@ -551,11 +563,7 @@ class Scheduler:
         assert image.merger is not None and image.merger.output is not None
         image.pixels, image.merger = image.merger.output, None
         image.stage_no += 1
-        if image.stage_no < len(image.stages):
-            self._start_stage(image)
-            return
-        pixels, image.pixels = image.pixels, None
-        self._image_done(image, ImageResult(pixels=pixels))
+        self._start_stage(image)
 
     def _whole_image_done(self, image: ImageWork, done: Completion) -> None:
         image.source.pixels = image.source.data = None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .pipeline import Pipeline, ReduceStage, Stage
+from .pipeline import Pipeline, ReduceStage, Stage, ViewStage
 
 if TYPE_CHECKING:
     from .local_engines import Engine
@@ -139,6 +139,8 @@ def run_stage(stage: Stage, image: np.ndarray, engine: Engine, tile_size: int) -
     so the merge is spread over the workers and costs no extra copy.
     """
     height, width = image.shape[:2]
+    if isinstance(stage, ViewStage):
+        return stage.process(image)
     if isinstance(stage, ReduceStage):
         parts = split_with_halo(height, width, tile_size, 0)
         stats = engine.run(stage, [t.region_of(image) for t in parts], [t.margins for t in parts])
@@ -160,4 +162,4 @@ def run_pipeline(
     """Run every stage of ``pipeline`` tiled; bit-identical to ``pipeline.apply(image)``."""
     for stage in pipeline.stages:
         image = run_stage(stage, image, engine, tile_size)
-    return image
+    return np.ascontiguousarray(image)  # a trailing view (flip, crop) becomes an image

@@ -178,3 +178,31 @@ def test_progress_false_means_no_progress_messages(dealer):
     }
     submit(dealer, header, pixels.tobytes())
     assert [h["type"] for h, _ in until_done(dealer)] == ["result", "done"]
+
+
+def test_crop_flip_and_quarter_turns_cost_no_task_of_their_own(dealer):
+    from mpi_imgproc.pipeline import Pipeline
+    from mpi_imgproc.tiling import split_with_halo
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (300, 410, 3), np.uint8)
+    specs = [
+        "crop:x=7,y=11,width=350,height=250",
+        "sharpen",
+        "rotate:angle=90",
+        "median_blur:ksize=5",
+        "flip:axis=both",
+    ]
+    header = {
+        "pipeline": specs,
+        "tile": 64,
+        "images": [{"name": "a", "encoding": "raw", "shape": list(image.shape), "dtype": "uint8"}],
+    }
+    submit(dealer, header, image.tobytes())
+    results = [(h, f) for h, f in until_done(dealer) if h["type"] == "result"]
+    out_header, frames = results[0]
+    out = np.frombuffer(frames[0], np.uint8).reshape(out_header["shape"])
+    assert np.array_equal(out, Pipeline.parse(specs).apply(image))
+    halo = Pipeline.parse(["median_blur:ksize=5"]).halo
+    tiles = len(split_with_halo(250, 350, 64, 1)) + len(split_with_halo(350, 250, 64, halo))
+    assert out_header["tiles"] == tiles  # the two tiled stages only: views are free
