@@ -68,6 +68,10 @@ def recv_within(comm: MPI.Comm, buffer: list, source: int, tag: int, seconds: fl
     backoff = Backoff(floor=1e-5, ceiling=1e-3, warm_ceiling=1e-4)
     try:
         while not request.Test():
+            # A rank has died (maybe this sender, maybe another): the transfer gets a second
+            # to finish, then the task is run again elsewhere if need be.
+            if RankWatch.noticed:
+                deadline = min(deadline, time.monotonic() + 1.0)
             if time.monotonic() > deadline:
                 request.Cancel()
                 return False

@@ -384,7 +384,9 @@ class Server:
                 # advance only while rank 0 calls into MPI) keeps moving.
                 busy = self.scheduler.busy or bool(self.outbox)
                 handled = bool(poller.poll(0 if busy else 100)) and self._read_requests()
+                started = time.monotonic()
                 progressed = self.scheduler.step() or handled
+                self._excuse_clients(time.monotonic() - started)
                 progressed = self._flush() or progressed
                 if progressed:
                     backoff.reset()
@@ -658,6 +660,13 @@ class Server:
             if not queue:
                 self.outbox.pop(identity, None)
         return sent
+
+    def _excuse_clients(self, stalled: float) -> None:
+        """Rank 0 could not read for ``stalled`` seconds (a long local task, waiting on a dying
+        worker's pixels): that silence is the server's, not its clients'."""
+        if stalled > 1.0:
+            for identity in self.last_seen:
+                self.last_seen[identity] += stalled
 
     def _drop_silent_clients(self) -> None:
         """Cancel the jobs of clients silent for longer than ``--client-timeout`` (a silent

@@ -150,7 +150,7 @@ def test_a_frame_over_the_limit_is_dropped_unread_and_the_client_is_told(cluster
     before = rank0(cluster).memory_info().rss
     with Client(cluster.address, timeout=10) as client:
         client.info()
-        client.sock.send(b"x" * (9 * 2**20))  # over --max-request-mb 8: the server cuts it off
+        client.send_raw([b"x" * (9 * 2**20)])  # over --max-request-mb 8: the server cuts it off
         with pytest.raises(ServerGone, match="size limit"):
             client.info()
     assert rank0(cluster).memory_info().rss - before < 50 * 2**20
