@@ -12,10 +12,11 @@ install:
 	$(BIN)/python -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])"
 
 # The unit and end-to-end suite (the end-to-end tests start mpiexec themselves),
-# then the in-process MPI tests under mpiexec with pytest-mpi.
+# then the in-process MPI tests under mpiexec with pytest-mpi.  -rs lists why tests were
+# skipped (no CUDA device, no SciPy, ...), one line per reason and place with its count.
 test:
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not mpi"
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mpiexec -n 3 $(BIN)/python -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests/test_mpi_transport.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -rs -m "not mpi"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mpiexec -n 3 $(BIN)/python -m pytest -q -rs -p no:cacheprovider --with-mpi -m mpi tests/test_mpi_transport.py
 
 lint:
 	$(BIN)/ruff check mpi_imgproc tests benchmarks

@@ -7,37 +7,50 @@ image's status, error and timing.
 
 * ``--shared-fs``: workers read their inputs and write their outputs themselves, so no pixels
   pass through rank 0 (large images that are tiled are still read and written by rank 0).
-* ``--resume``: images whose output already exists are skipped — atomic writes mean an existing
-  output is a complete one.
+* ``--resume``: images whose output was written by an earlier run of the same pipeline and
+  format are skipped — atomic writes mean an existing output is a complete one.  Each output's
+  stamp (pipeline and format, and the sizes and times of its input and of itself) is kept in
+  ``OUTPUT/batch-manifest.json``; an output without a matching stamp is computed again.
 * SIGTERM (Slurm's ``scancel`` or time limit): no new work is handed out, images in flight are
   finished or dropped (never a partial file), the summary is written, and every rank exits
   within 20 s; ``--resume`` completes the rest later.
+* Exit codes: 0 every image written, 1 finished but some inputs are bad, 2 a bad command line
+  or input list, or the summary could not be written, 3 not finished (interrupted): run the
+  same command again with ``--resume``.
+* The summary keeps the earlier runs' summaries in ``previous_runs``, and lists the folder
+  entries that are not images (``ignored``) with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mpi4py import MPI
 
-from .cli import add_pipeline_options, output_paths, pipeline_from_args
+from .cli import add_pipeline_options, output_paths, pipeline_from_args, refuse_overwriting_inputs
 from .errors import ImgprocError, describe
-from .imageio import FORMATS, expand_inputs, write_atomic
+from .imageio import FORMATS, list_inputs, not_regular, write_atomic
 from .mpi_transport import Backoff, run_or_abort
+from .pipeline import Pipeline
 from .planner import ImageSource
 from .scheduler import ImageResult, ImageWork, Job, JobListener, Scheduler, output_format
 from .server import add_cluster_options, make_backend, run_worker
 
-Work = tuple[list[str], list[str], list[Path], list[tuple[str, Path]]]
 DRAIN_SECONDS = 12.0  # after SIGTERM: time for images in flight to finish
 STOP_SECONDS = 6.0  # then: time for the workers to leave
+MANIFEST = "batch-manifest.json"
+EXIT_OK, EXIT_BAD_INPUTS, EXIT_USAGE, EXIT_NOT_FINISHED = 0, 1, 2, 3
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -53,7 +66,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_pipeline_options(parser)
     parser.add_argument("--format", choices=FORMATS, default="same", help="output format")
     parser.add_argument("--shared-fs", action="store_true", help="workers do their own I/O")
-    parser.add_argument("--resume", action="store_true", help="skip images already written")
+    parser.add_argument(
+        "--resume", action="store_true", help="skip outputs this pipeline has already written"
+    )
     parser.add_argument("--summary", help="summary JSON (default OUTPUT/batch-summary.json)")
     add_cluster_options(parser)
     return parser.parse_args(argv)
@@ -97,10 +112,12 @@ class BatchRecorder(JobListener):
         self.finished_job = True
 
 
-def make_job(args: argparse.Namespace, files: list[str], targets: list[Path]) -> Job:
+def make_job(
+    args: argparse.Namespace, pipeline: Pipeline, files: list[str], targets: list[Path]
+) -> Job:
     """One job over every file still to do; workers get paths with ``--shared-fs``."""
     recorder = BatchRecorder(targets, args.format)
-    job = Job("batch", pipeline_from_args(args), args.tile, recorder, output=args.format)
+    job = Job("batch", pipeline, args.tile, recorder, output=args.format)
     job.shared_fs = args.shared_fs
     job.targets = lambda image: str(targets[image.index])
     job.images = [ImageWork(job, i, ImageSource(f, path=f)) for i, f in enumerate(files)]
@@ -139,18 +156,115 @@ def drive(scheduler: Scheduler, job: Job, stop: Interrupted) -> bool:
     return False
 
 
+@dataclass
+class Work:
+    """What rank 0 found: the inputs to run with their outputs, and every other input or entry."""
+
+    stamp: str  # of the pipeline and format: see ``pipeline_stamp``
+    files: list[str] = field(default_factory=list)
+    targets: list[Path] = field(default_factory=list)
+    skipped: list[tuple[str, Path]] = field(default_factory=list)  # done earlier (--resume)
+    refused: list[tuple[str, Path, str]] = field(default_factory=list)  # not regular files
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # folder entries not read
+    redone: int = 0  # outputs that exist but lack this pipeline's stamp: computed again
+    manifest: dict[str, Any] = field(default_factory=dict)  # output name -> its stamp
+
+    @property
+    def total(self) -> int:
+        return len(self.files) + len(self.skipped) + len(self.refused)
+
+
+def pipeline_stamp(pipeline: Pipeline, fmt: str) -> str:
+    """A short hash of the pipeline (every parameter spelled out) and the output format."""
+    text = json.dumps({"pipeline": pipeline.to_json(), "format": fmt}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_id(path: str | Path) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, or None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def output_stamp(stamp: str, source: str, target: Path) -> dict[str, Any]:
+    """The manifest entry of an output just written from ``source``."""
+    return {
+        "stamp": stamp,
+        "input": os.path.realpath(source),
+        "input_file": file_id(source),
+        "output_file": file_id(target),
+    }
+
+
+def load_manifest(output: str) -> dict[str, Any]:
+    """``OUTPUT/batch-manifest.json``'s outputs (name -> stamp); empty if none or unreadable."""
+    try:
+        data = json.loads((Path(output) / MANIFEST).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        print(f"batch: ignoring the unreadable {MANIFEST}: {exc}", file=sys.stderr, flush=True)
+        return {}
+    outputs = data.get("outputs") if isinstance(data, dict) else None
+    return outputs if isinstance(outputs, dict) else {}
+
+
+def list_work(args: argparse.Namespace, stamp: str) -> Work:
+    """The inputs, those still to do with their outputs, and those skipped or refused.
+
+    With ``--resume`` an input is skipped only if the manifest says its output was written from
+    it, unchanged since, by this pipeline and format.  Files that earlier runs wrote into the
+    input folder (``--output`` = ``--input``) are outputs, not inputs.  Raises ImgprocError when
+    nothing matches, two inputs would write the same output, or an output is an input.
+    """
+    work = Work(stamp, manifest=load_manifest(args.output))
+    found, work.ignored = list_inputs(args.input)
+    ours = {
+        os.path.realpath(Path(args.output) / name): entry.get("output_file")
+        for name, entry in work.manifest.items()
+    }
+    all_files = []
+    for f in found:
+        if os.path.realpath(f) in ours and ours[os.path.realpath(f)] == file_id(f):
+            work.ignored.append((f, f"an output of an earlier run (in {MANIFEST})"))
+        else:
+            all_files.append(f)
+    if not all_files:
+        raise ImgprocError(f"no input files in {', '.join(args.input)}")
+    all_targets = output_paths(all_files, args.output, args.format)
+    refuse_overwriting_inputs(all_files, all_targets)
+    for source, target in zip(all_files, all_targets):
+        kind = not_regular(source)  # refused here: reading a FIFO would block
+        if kind is not None:
+            work.refused.append((source, target, f"cannot read: {kind}"))
+        elif args.resume and work.manifest.get(target.name) == output_stamp(stamp, source, target):
+            work.skipped.append((source, target))
+        else:
+            if args.resume and target.exists():
+                work.redone += 1
+            work.files.append(source)
+            work.targets.append(target)
+    return work
+
+
 def summarise(
     args: argparse.Namespace,
-    files: list[str],
-    targets: list[Path],
-    skipped: list[str],
+    pipeline: Pipeline,
+    work: Work,
     recorder: BatchRecorder,
     elapsed: float,
     interrupted: bool,
 ) -> dict[str, Any]:
-    """The summary JSON: totals, images/s and one record per image."""
-    images = [{"input": f, "output": str(t), "status": "skipped"} for f, t in skipped]
-    for i, (source, target) in enumerate(zip(files, targets)):
+    """The summary JSON: totals, images/s, one record per image and the entries not read."""
+    images = [{"input": f, "output": str(t), "status": "skipped"} for f, t in work.skipped]
+    images += [
+        {"input": f, "output": str(t), "status": "failed", "error": why}
+        for f, t, why in work.refused
+    ]
+    for i, (source, target) in enumerate(zip(work.files, work.targets)):
         record = recorder.records.get(i, {"status": "not_done"})
         images.append({"input": source, "output": str(target), **record})
     counts = {
@@ -159,66 +273,125 @@ def summarise(
     }
     return {
         "command": " ".join(sys.argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() - elapsed)),
         "ranks": MPI.COMM_WORLD.Get_size(),
+        "pipeline": pipeline.to_json(),
+        "format": args.format,
+        "stamp": work.stamp,
         "interrupted": interrupted,
         "elapsed_s": round(elapsed, 3),
         "images_per_s": round(counts["ok"] / elapsed, 3) if elapsed > 0 else None,
         **counts,
         "total": len(images),
+        "redone": work.redone,
+        "ignored": [{"path": p, "reason": why} for p, why in work.ignored],
         "images": images,
     }
 
 
-def list_work(args: argparse.Namespace) -> Work:
-    """The input files, those still to do with their outputs, and those skipped (``--resume``).
-
-    Raises ImgprocError when nothing matches or two inputs would write the same output.
-    """
-    all_files = expand_inputs(args.input)
-    if not all_files:
-        raise ImgprocError(f"no input files in {', '.join(args.input)}")
-    all_targets = output_paths(all_files, args.output, args.format)
-    skipped = [(f, t) for f, t in zip(all_files, all_targets) if args.resume and t.exists()]
-    done = {f for f, _ in skipped}
-    todo = [(f, t) for f, t in zip(all_files, all_targets) if f not in done]
-    return all_files, [f for f, _ in todo], [t for _, t in todo], skipped
+def exit_code(summary: dict[str, Any]) -> int:
+    """0 all written; 1 finished, some inputs bad; 3 not finished (interrupted): run again."""
+    if summary["not_done"]:
+        return EXIT_NOT_FINISHED
+    return EXIT_BAD_INPUTS if summary["failed"] else EXIT_OK
 
 
-def run_rank0(comm: MPI.Comm, args: argparse.Namespace, work: Work) -> int:
-    """List the work, run it over the workers, write the summary; exit code 1 if not all ok."""
+def with_history(summary: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The summary, with the summaries of earlier runs at ``path`` in ``previous_runs``.
+
+    An earlier file that is not a summary is moved aside (``.unreadable``), never lost."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return summary  # none yet (or unreadable: writing it will say so)
+    try:
+        old = json.loads(text)
+    except ValueError:
+        old = None
+    if not isinstance(old, dict) or "images" not in old:
+        aside = path.with_name(path.name + ".unreadable")
+        with contextlib.suppress(OSError):
+            path.replace(aside)
+            print(f"batch: {path} was not a summary; moved to {aside}", file=sys.stderr)
+        return summary
+    earlier = old.pop("previous_runs", [])
+    return {**summary, "previous_runs": [*earlier, old]}
+
+
+def save_records(
+    path: Path, summary: dict[str, Any], args: argparse.Namespace, work: Work
+) -> str | None:
+    """Write the manifest and the summary; None, or why one of them could not be written.
+
+    The manifest goes first and each is tried whatever became of the other: the manifest is
+    what a later ``--resume`` needs, the summary what a person reads."""
+    manifest = dict(work.manifest)
+    for record in summary["images"]:
+        name = Path(record["output"]).name
+        if record["status"] == "ok":
+            manifest[name] = output_stamp(work.stamp, record["input"], Path(record["output"]))
+        elif record["status"] != "skipped":
+            manifest.pop(name, None)  # attempted and not written: an old stamp no longer holds
+    writes = (
+        (Path(args.output) / MANIFEST, {"version": 1, "outputs": manifest}),
+        (path, with_history(summary, path)),
+    )
+    problems = []
+    for target, data in writes:
+        try:
+            write_atomic(target, json.dumps(data, indent=2).encode())
+        except OSError as exc:
+            problems.append(f"cannot write {target}: {exc.strerror or exc}")
+    return "; ".join(problems) or None
+
+
+def run_rank0(comm: MPI.Comm, args: argparse.Namespace, pipeline: Pipeline, work: Work) -> int:
+    """Run the work over the workers, report every failure, write the summary; the exit code."""
     stop = Interrupted()
     backend, per_rank, _, _ = make_backend(comm, args)
-    all_files, files, targets, skipped = work
     scheduler = Scheduler(backend, cutover_s=args.cutover_ms / 1e3)
-    job = make_job(args, files, targets)
+    job = make_job(args, pipeline, work.files, work.targets)
     print(
-        f"batch: {len(all_files)} images ({len(skipped)} already done), "
-        f"{comm.Get_size()} ranks, engine {args.engine} x{per_rank}",
+        f"batch: {work.total} images ({len(work.skipped)} already done, {work.redone} outputs "
+        f"to redo), {comm.Get_size()} ranks, engine {args.engine} x{per_rank}",
         flush=True,
     )
+    if work.ignored:
+        names = ", ".join(Path(p).name for p, _ in work.ignored[:5])
+        more = f" and {len(work.ignored) - 5} more" if len(work.ignored) > 5 else ""
+        print(f"batch: {len(work.ignored)} entries not read ({names}{more}): see the summary")
     started = time.perf_counter()
     interrupted = False
     try:
-        if files:
+        if work.files:
             scheduler.add(job)
             interrupted = drive(scheduler, job, stop)
     finally:
         backend.close(deadline=time.perf_counter() + STOP_SECONDS)
     elapsed = time.perf_counter() - started
     assert isinstance(job.listener, BatchRecorder)
-    summary = summarise(args, files, targets, skipped, job.listener, elapsed, interrupted)
-    path = Path(args.summary or Path(args.output) / "batch-summary.json")
-    write_atomic(path, json.dumps(summary, indent=2).encode())
+    summary = summarise(args, pipeline, work, job.listener, elapsed, interrupted)
     for record in summary["images"]:
         if record["status"] == "failed":
             print(f"error: {record['input']}: {record['error']}", file=sys.stderr)
+    path = Path(args.summary or Path(args.output) / "batch-summary.json")
+    problem = save_records(path, summary, args, work)
+    if problem is not None:
+        above = " (listed above)" if summary["failed"] else ""
+        print(
+            f"error: {problem}; {summary['ok']} ok, {summary['failed']} failed{above}, "
+            f"{summary['not_done']} not done",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_USAGE
     print(
         f"batch: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped, "
         f"{summary['not_done']} not done in {elapsed:.2f} s "
         f"({summary['images_per_s']} images/s); summary: {path}",
         flush=True,
     )
-    return 0 if summary["failed"] == 0 and summary["not_done"] == 0 else 1
+    return exit_code(summary)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,20 +400,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         args = parse_args(argv)
-        work, error = None, None
+        pipeline, work, error = None, None, None
         try:
-            pipeline_from_args(args)
+            pipeline = pipeline_from_args(args)
             if comm.Get_rank() == 0:
-                work = list_work(args)
+                work = list_work(args, pipeline_stamp(pipeline, args.format))
         except ImgprocError as exc:
             error = str(exc)
         errors = [e for e in comm.allgather(error) if e]  # a mistake ends every rank cleanly
         if errors:
             if comm.Get_rank() == 0:
                 print(f"error: {errors[0]}", file=sys.stderr, flush=True)
-            return 2
+            return EXIT_USAGE
         if comm.Get_rank() == 0:
-            return run_rank0(comm, args, work)
+            assert pipeline is not None and work is not None
+            return run_rank0(comm, args, pipeline, work)
         run_worker(comm, args)
         return 0
 

@@ -413,7 +413,7 @@ def describe_case(spec: ClusterSpec, case: Case) -> str:
     w = case.workload
     return (
         f"-n {spec.ranks} {spec.engine}, {case.experiment} {case.op} on {w.images}× "
-        f"{w.height}x{w.width}, tile {case.tile}"
+        f"{_size_text(w)}, tile {case.tile}"
     )
 
 
@@ -548,7 +548,7 @@ def run_bench(s: Settings) -> dict[str, Any]:
 
 
 def settings_json(s: Settings) -> dict[str, Any]:
-    """The settings as JSON (sizes as ``HxW``)."""
+    """The settings as JSON (sizes as ``WxH``)."""
     return {
         "ranks": s.ranks,
         "engines": s.engines,
@@ -596,14 +596,14 @@ def run_recommend(s: Settings) -> dict[str, Any]:
 
 
 def parse_size(text: str) -> Workload:
-    """``N`` (square) or ``HxW``."""
-    h, _, w = text.lower().partition("x")
+    """``N`` (square) or ``WxH``: width first, as image sizes are usually written."""
+    w, _, h = text.lower().partition("x")
     try:
-        height, width = int(h), int(w or h)
+        width, height = int(w), int(h or w)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be N or HxW, got {text!r}") from None
+        raise ImgprocError(f"size must be N or WxH (width x height), got {text!r}") from None
     if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+        raise ImgprocError(f"size must be positive, got {text!r}")
     return Workload(height, width)
 
 
@@ -612,7 +612,7 @@ def parse_tile(text: str) -> int | str:
     if text == "auto":
         return text
     if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"tile must be a non-negative integer or auto: {text!r}")
+        raise ImgprocError(f"tile must be a non-negative integer or auto, got {text!r}")
     return int(text)
 
 
@@ -630,8 +630,8 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ranks", help="mpiexec -n values (full: 1,2,3,4; --recommend: one)")
     p.add_argument("--engines", help="engines (default: all usable; --recommend: threads)")
     p.add_argument("--op", action="append", metavar="SPEC", help="op (a+b chains); repeatable")
-    p.add_argument("--size", help="image HxW for strong scaling, tiles and --recommend")
-    p.add_argument("--weak-size", help="image HxW per worker rank for weak scaling")
+    p.add_argument("--size", help="image WxH for strong scaling, tiles and --recommend")
+    p.add_argument("--weak-size", help="image WxH per worker rank for weak scaling")
     p.add_argument("--sizes", help="image sizes for the size sweep, comma-separated")
     p.add_argument("--tile", help="tile size for strong, weak and sizes (int or auto)")
     p.add_argument("--tiles", help="tile sizes for the tile sweep (ints and auto)")
@@ -694,7 +694,8 @@ def reproduce_command(s: Settings, recommend: bool) -> str:
 
 
 def _size_text(w: Workload) -> str:
-    return f"{w.height}x{w.width}"
+    """``WxH``, as ``parse_size`` reads it."""
+    return f"{w.width}x{w.height}"
 
 
 def check_settings(s: Settings) -> None:

@@ -1,6 +1,6 @@
 """The ``mpi-imgproc`` command line.
 
-Sub-commands: ``ops`` (list ops), ``run --local`` (the local reference), the cluster
+Sub-commands: ``ops`` (list ops), ``run`` (the local reference, in this process), the cluster
 client commands of :mod:`mpi_imgproc.client_cli` (``submit``, ``status``, ``cancel``, ``info``,
 ``keys``), ``gen-dataset`` (:mod:`mpi_imgproc.dataset`), ``verify``
 (:mod:`mpi_imgproc.verify`) and ``bench`` (:mod:`mpi_imgproc.bench`).
@@ -9,7 +9,9 @@ client commands of :mod:`mpi_imgproc.client_cli` (``submit``, ``status``, ``canc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -70,6 +72,33 @@ def output_paths(files: Sequence[str], outdir: str, fmt: str) -> list[Path]:
     return paths
 
 
+def refuse_overwriting_inputs(files: Sequence[str], targets: Sequence[Path]) -> None:
+    """ImgprocError naming the first output that is one of the inputs, before anything runs.
+
+    Outputs are compared with every input by real path (symbolic links resolved) and, for
+    outputs that exist already, by device and inode too (the same folder through another
+    mount), so that ``-o`` naming the input folder with the same format cannot replace the
+    originals.
+    """
+    by_path = {os.path.realpath(f): f for f in files}
+    by_inode = {}
+    for f in files:
+        with contextlib.suppress(OSError):
+            st = os.stat(f)
+            by_inode[st.st_dev, st.st_ino] = f
+    for target in targets:
+        source = by_path.get(os.path.realpath(target))
+        if source is None:
+            with contextlib.suppress(OSError):
+                st = os.stat(target)
+                source = by_inode.get((st.st_dev, st.st_ino))
+        if source is not None:
+            raise ImgprocError(
+                f"output {target} is the input {source}: writing it would replace the "
+                "original; choose another output folder or --format"
+            )
+
+
 def cmd_ops(args: argparse.Namespace) -> int:
     """Print every op with its class, halo and parameters (``--json`` for machines)."""
     described = [op.describe() for op in REGISTRY.values()]
@@ -97,13 +126,12 @@ def cmd_ops(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Process files in this process: the local reference the cluster is compared against."""
-    if not args.local:
-        raise ImgprocError("run works in this process: add --local (or use `submit` for a server)")
     pipeline = pipeline_from_args(args)
     args.files = expand_inputs(args.files)
     if not args.files:
         raise ImgprocError("no input files (check the paths, folders or globs)")
     outputs = output_paths(args.files, args.output, args.format)
+    refuse_overwriting_inputs(args.files, outputs)
     failed = 0
     started = time.perf_counter()
     with get_engine(args.engine, args.workers) as engine:
@@ -133,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="process files in this process (the local reference)")
     run.add_argument("files", nargs="+", metavar="FILE", help="files, folders or globs")
-    run.add_argument("--local", action="store_true", help="required: run in this process")
+    run.add_argument(
+        "--local", action="store_true", help="accepted for compatibility: run is always local"
+    )
     add_output_options(run)
     add_pipeline_options(run)
     run.add_argument("--engine", choices=ENGINES, default="threads", help="local engine")

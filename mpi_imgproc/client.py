@@ -5,19 +5,27 @@
 ...     for event in job.events():
 ...         print(event.type, event.header)
 ...     result = job.result(timeout=60)
+...     for item in client.map(paths, ["invert"], window=4):   # any number of files
+...         print(item.name, item.error or item.image().shape)
 
-One DEALER socket carries every job of a client; the client routes incoming messages to the
-job they belong to, so several jobs can be in flight at once from one thread.  While it waits
-it sends heartbeats, so the server knows it is still there.  Sockets are not thread-safe: use
-one ``Client`` per thread.
+The connection lives in a :class:`Connection`: one I/O thread owns the DEALER socket (ZeroMQ
+sockets are not thread-safe), sends, receives, heartbeats at the rate the server asks for and
+re-attaches the jobs after a reconnect, whatever the application does meanwhile.  The
+synchronous :class:`Client` here and :class:`mpi_imgproc.aio.AsyncClient` are two faces of that
+one core.  A ``Client`` may be shared by threads.  The full reference is ``docs/api.md``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import os
+import queue
+import threading
 import time
+import weakref
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,16 +34,27 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .errors import ImgprocError, LimitExceeded
-from .imageio import decode
+from .errors import ImageReadError, ImgprocError, InvalidParameter, LimitExceeded, describe
+from .imageio import decode, read_bytes
 from .pipeline import Pipeline
-from .protocol import pack, raw_fields, unpack
+from .protocol import ProtocolError, pack, raw_fields, unpack
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
-HEARTBEAT_INTERVAL = 5.0
+# Until the server's ``info`` says its ``heartbeat_s`` (it is asked on every connect), beat
+# often: a server may run with a short --client-timeout.
+FALLBACK_HEARTBEAT_S = 1.0
+# How long a dropped connection may take to come back before its jobs count as lost, when the
+# server's ``client_timeout`` (after which it cancels them anyway) is not known.
+FALLBACK_CLIENT_TIMEOUT_S = 30.0
 # ZeroMQ-level heartbeats: the server's I/O thread answers them even while rank 0 is busy, so
 # silence past the timeout means the server (or the network to it) is gone.
 ZMTP_HEARTBEAT_MS, ZMTP_TIMEOUT_MS = 1000, 6000
+WAIT_SLICE_S = 0.5  # waits wake this often, so Ctrl-C is never held up
+IDLE_POLL_S = 1.0  # the I/O thread's longest sleep with nothing to do
+RECEIVE_BATCH = 256  # messages routed per lock taken
+JOB_STATES_FINAL = ("done", "cancelled", "failed")
+LOST_MESSAGE = "its result was sent on a connection that dropped; submit it again"
+_JOB_EVENTS = ("progress", "result", "image_error", "done")
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECT_RETRIED
     | zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -43,6 +62,11 @@ _MONITOR_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_DISCONNECTED
+)
+_REFUSALS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
 )
 
 
@@ -118,88 +142,773 @@ class JobResult:
 
     @property
     def ok(self) -> bool:
+        """The job is done and every image has a result."""
         return self.state == "done" and not self.errors
 
 
-class Job:
-    """A submitted job: iterate its events, wait for its result, or cancel it.
+# -- what a submit sends ------------------------------------------------------------------------
 
-    ``id`` and ``token`` together are the job's ticket: only their holder may see, cancel or
-    re-attach to it (see :meth:`Client.attach`).
+
+@dataclass
+class Submission:
+    """A submit made ready to send: the pipeline, one descriptor and one frame per image."""
+
+    pipeline: list[dict[str, Any]]
+    descs: list[dict[str, Any]]
+    frames: list[Any]
+
+    @property
+    def size(self) -> int:
+        """Bytes of image data the submit declares."""
+        return sum(d["size"] for d in self.descs)
+
+    def names(self) -> list[str]:
+        """The images' names, in submit order."""
+        return [d["name"] for d in self.descs]
+
+
+def as_pipeline(pipeline: Pipeline | Sequence[str] | list[dict]) -> Pipeline:
+    """A Pipeline from specs (``"NAME:key=value"``) or JSON steps, validated here."""
+    if isinstance(pipeline, Pipeline):
+        return pipeline
+    if all(isinstance(p, str) for p in pipeline):
+        return Pipeline.parse(list(pipeline))
+    return Pipeline.from_json(list(pipeline))
+
+
+def load_image(image: str | Path | np.ndarray, name: str) -> tuple[dict[str, Any], Any]:
+    """The descriptor and upload frame of one image: a path's file bytes, an array's pixels.
+
+    Raises ImageReadError for a path that is not a readable regular file (a FIFO, a folder).
+    """
+    if isinstance(image, np.ndarray):
+        image = np.ascontiguousarray(image)
+        return {"name": name, "size": image.nbytes, **raw_fields(image)}, image
+    data = read_bytes(image)
+    return {"name": name, "encoding": "file", "size": len(data)}, data
+
+
+def default_name(image: Any, index: int) -> str:
+    """A path's file name, ``imageN`` for an array."""
+    return f"image{index}" if isinstance(image, np.ndarray) else Path(image).name
+
+
+def prepare_submit(
+    images: Sequence[str | Path | np.ndarray],
+    pipeline: Pipeline | Sequence[str] | list[dict],
+    names: Sequence[str] | None = None,
+) -> Submission:
+    """Validate the pipeline and read every image, before anything is sent."""
+    steps = as_pipeline(pipeline).to_json()
+    loaded = [
+        load_image(image, names[i] if names else default_name(image, i))
+        for i, image in enumerate(images)
+    ]
+    return Submission(steps, [d for d, _ in loaded], [f for _, f in loaded])
+
+
+def check_limits(limits: dict[str, Any], descs: list[dict[str, Any]]) -> None:
+    """Refuse here what the server would refuse, before sending a byte of image data."""
+    size, most = sum(d["size"] for d in descs), limits.get("max_request_bytes")
+    if most is not None and size > most:
+        raise RequestTooLarge(
+            f"{len(descs)} images of {size} bytes are over the server's limit of "
+            f"{most} bytes per request (--max-request-mb); submit fewer at a time"
+        )
+    count = limits.get("max_images")
+    if count is not None and len(descs) > count:
+        raise RequestTooLarge(f"{len(descs)} images in one request; the server takes {count}")
+
+
+def _within(timeout: float | None) -> str:
+    return "" if timeout is None else f" within {timeout:g} s"
+
+
+# -- the connection core ------------------------------------------------------------------------
+
+
+class JobRecord:
+    """What the I/O thread has routed to one job; read and written under the core's lock.
+
+    ``uploads`` keeps the job's image frames until it is done, so that images whose upload
+    was lost with a dropped connection can be sent again after the re-attach.
     """
 
-    def __init__(self, client: Client, job_id: str, token: str, names: list[str]):
-        self.client = client
-        self.id = job_id
-        self.token = token
-        self.names = names
+    def __init__(self, job_id: str, token: str, names: list[str], uploads: Sequence[Any] = ()):
+        self.id, self.token, self.names = job_id, token, names
+        self.uploads = list(uploads)
         self.queue: deque[Event] = deque()
-        self.done = False
-        self.results: list[Event | None] = [None] * len(names)  # decoded only when asked
+        self.results: dict[int, Event] = {}  # decoded only when asked
         self.errors: dict[int, tuple[str, str]] = {}
         self.final: Event | None = None
-        self.lost: ServerUnavailable | None = None  # set when the connection is lost
+        self.lost: ImgprocError | None = None  # set when the job cannot end any more
 
-    def _record(self, event: Event) -> None:
+    @property
+    def done(self) -> bool:
+        """The job's ``done`` has been routed."""
+        return self.final is not None
+
+    @property
+    def open(self) -> bool:
+        """Still expecting messages from the server."""
+        return self.final is None and self.lost is None
+
+    def add(self, event: Event) -> None:
+        """Record one message; nothing counts after ``done``."""
+        if self.done:
+            return
         index = event.header.get("index")
-        if event.type == "result" and isinstance(index, int) and 0 <= index < len(self.names):
+        if event.type == "result" and isinstance(index, int) and index >= 0:
             self.results[index] = event
-        elif event.type == "image_error" and isinstance(index, int):
+        elif event.type == "image_error" and isinstance(index, int) and index >= 0:
             self.errors[index] = (event.header.get("code", ""), event.header.get("message", ""))
         elif event.type == "done":
-            self.done, self.final = True, event
+            self.final, self.uploads = event, []
         self.queue.append(event)
 
-    def _check(self) -> None:
-        """Raise the connection's loss, once the messages that arrived before it are read."""
-        if self.lost is not None and not self.done:
-            self.client._drain()
-            if not self.done:
-                raise self.lost
+    def unfinished(self) -> list[int]:
+        """Indices of images with neither a result nor an error."""
+        finished = self.results.keys() | self.errors.keys()
+        return [i for i in range(len(self.names)) if i not in finished]
+
+    def outcome(self) -> JobResult:
+        """The JobResult of a done job (call outside the lock: it decodes images)."""
+        assert self.final is not None
+        header, errors = self.final.header, dict(self.errors)
+        if header.get("state") == "done":
+            errors.update((i, ("lost", LOST_MESSAGE)) for i in self.unfinished())
+        results = [self.results.get(i) for i in range(len(self.names))]
+        images = [event.image() if event else None for event in results]
+        return JobResult(
+            self.id, header["state"], images, errors, header.get("stats", {}), header.get("message")
+        )
+
+
+class Connection:
+    """One connection to a server, served by an I/O thread of its own.
+
+    The thread alone touches the DEALER socket and its monitor: it sends what other threads
+    queue (through a ``queue.SimpleQueue``, waking it through a pipe it polls beside the
+    sockets), routes every message it receives to its job or request, sends a ``heartbeat``
+    whenever this client has unfinished jobs and has been quiet for the server's
+    ``heartbeat_s`` (learnt from ``info`` on every connect), and after a dropped connection
+    comes back re-attaches every unfinished job.  Everything it routes is guarded by one
+    ``threading.Condition``; threads wait on it, asyncio loops on an ``asyncio.Event`` the
+    thread sets through ``call_soon_threadsafe``.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        curve_keys: str | Path | None = None,
+        heartbeat: float | None = None,
+    ):
+        self.address, self.heartbeat = address, heartbeat
+        self.curve_keys = Path(curve_keys) if curve_keys else None
+        self.lock = threading.Condition()
+        # Routed state, guarded by ``lock``.
+        self.jobs: dict[str, JobRecord] = {}
+        self.replies: dict[str, tuple[dict, list] | ImgprocError] = {}
+        self.waiting: set[str] = set()  # requests whose caller waits for the reply
+        self.submits: dict[str, Submission] = {}  # submit requests awaiting ``accepted``
+        self.abandoned: set[str] = set()  # submits whose caller stopped waiting
+        self.info: dict[str, Any] = {}  # the server's latest ``info``
+        self.connected = False  # a handshake has succeeded, no disconnect since
+        self.retries = 0  # connection attempts refused since the last handshake
+        self.dropped: ServerGone | None = None  # why the connection is down, if it dropped
+        self.fatal: ImgprocError | None = None  # no wait can succeed any more (refused, closed)
+        self._wakers: set[Callable[[], None]] = set()
+        self._ids = itertools.count(1)
+        # The I/O thread's own state.
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._outgoing: deque[list] = deque()
+        self._last_sent = time.monotonic()
+        self._give_up_at: float | None = None  # a dropped connection's jobs are lost then
+        self._closing_at: float | None = None
+        self._pipe_lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        try:
+            self._open()
+        except ImgprocError:
+            self._close_pipe()
+            raise
+        # Thread.start is a full memory barrier: the sockets move to the I/O thread for good.
+        self._thread = threading.Thread(target=self._run, name="mpi_imgproc-client-io", daemon=True)
+        self._thread.start()
+
+    # -- any thread ---------------------------------------------------------------------------
+
+    def send(self, frames: list) -> None:
+        """Queue one message for the server."""
+        self._command(self._outgoing.append, frames)
+
+    def request(
+        self,
+        kind: str,
+        frames: Sequence[Any] = (),
+        submission: Submission | None = None,
+        **fields: Any,
+    ) -> str:
+        """Send a request whose reply a caller will wait for; returns its ``req``.
+
+        With ``submission`` (a submit), the I/O thread registers the job and queues its
+        uploads the moment it routes the ``accepted`` (see :meth:`take_job`).
+        """
+        with self.lock:
+            if self.fatal is not None:
+                raise type(self.fatal)(str(self.fatal))
+            req = f"r{next(self._ids)}"
+            self.waiting.add(req)
+            if submission is not None:
+                self.submits[req] = submission
+        self.send(pack(kind, list(frames), req=req, **fields))
+        return req
+
+    def attach(self, job_id: str, token: str, names: Sequence[str]) -> tuple[str, JobRecord]:
+        """Send an ``attach``; the job's record exists before the reply, so none of the
+        messages that follow the reply can be missed."""
+        with self.lock:
+            record = self.jobs.get(job_id) or JobRecord(job_id, token, list(names))
+            self.jobs[job_id] = record
+        req = self.request("attach", job=job_id, token=token)
+        self.send(pack("status", req=f"_sync:{job_id}", job=job_id, token=token))
+        return req, record
+
+    def answered(self, req: str) -> bool:
+        """True once ``req`` has its reply, or cannot get one (call under the lock)."""
+        return req in self.replies or self.fatal is not None
+
+    def take_reply(self, req: str, kind: str, timeout: float | None) -> tuple[dict, list]:
+        """The reply to ``req``; raises what happened instead, naming the case."""
+        with self.lock:
+            self.waiting.discard(req)
+            answer = self.replies.pop(req, None)
+            if answer is None:
+                if self.submits.pop(req, None) is not None:
+                    self.abandoned.add(req)  # cancel the job should it be accepted late
+                raise self.silence(f"no reply to {kind}{_within(timeout)}")
+            self.submits.pop(req, None)
+        if isinstance(answer, ImgprocError):
+            raise answer
+        header, data = answer
+        if header["type"] == "error":
+            raise ServerError(header.get("code", "error"), header.get("message", ""))
+        return header, data
+
+    def take_job(self, header: dict[str, Any]) -> JobRecord:
+        """The record of a job whose ``accepted`` is ``header``."""
+        with self.lock:
+            return self.jobs[header["job"]]
+
+    def job_ready(self, record: JobRecord) -> bool:
+        """True when the job has an event to read, or no wait on it can go on (under lock)."""
+        return bool(record.queue) or self.job_over(record)
+
+    def job_over(self, record: JobRecord) -> bool:
+        """True when the job is done, lost, or the connection is over (under the lock)."""
+        return not record.open or self.fatal is not None
+
+    def pop_event(self, record: JobRecord) -> Event | None:
+        """The job's next event if one has come; raises the job's loss once all are read."""
+        with self.lock:
+            if record.queue:
+                return record.queue.popleft()
+            if not record.done and (record.lost or self.fatal):
+                raise record.lost or self.silence("")
+            return None
+
+    def next_event(self, record: JobRecord, what: str) -> Event | None:
+        """The job's next event, None after ``done``; raises why there is none."""
+        event = self.pop_event(record)
+        if event is None and not record.done:
+            raise self.why(record, what)
+        return event
+
+    def why(self, record: JobRecord, what: str) -> ImgprocError:
+        """Why a wait on the job ran out."""
+        with self.lock:
+            return record.lost or self.silence(what)
+
+    def outcome(self, record: JobRecord, what: str) -> JobResult:
+        """The result of a done job; raises why it is not done."""
+        with self.lock:
+            if not record.done:
+                raise record.lost or self.silence(what)
+            record.queue.clear()
+        return record.outcome()
+
+    def forget(self, job_id: str) -> None:
+        """Stop routing (and heartbeating for) a job nobody will read any more."""
+        with self.lock:
+            self.jobs.pop(job_id, None)
+
+    def limits(self) -> dict[str, Any] | None:
+        """The server's limits, once an ``info`` has come."""
+        with self.lock:
+            return self.info.get("limits")
+
+    def heartbeat_s(self) -> float:
+        """Seconds between messages while jobs are unfinished (under the lock or not)."""
+        server = self.info.get("heartbeat_s") or FALLBACK_HEARTBEAT_S
+        return min(server, self.heartbeat) if self.heartbeat else server
+
+    def silence(self, what: str) -> ImgprocError:
+        """The error for a wait that ran out, by what the connection has seen (under lock)."""
+        if self.fatal is not None:
+            return type(self.fatal)(str(self.fatal))
+        if self.dropped is not None:
+            return ServerGone(f"{what}: {self.dropped}")
+        if not self.connected:
+            why = "connection refused" if self.retries > 0 else "no connection made"
+            return NothingListening(
+                f"{what}: nothing is listening at {self.address} ({why}; is the server "
+                "running, and at that address?)"
+            )
+        return ServerTimeout(
+            f"{what}: connected to {self.address}, but no answer yet (the server may be busy, "
+            "or the work takes longer)"
+        )
+
+    def wait(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until ``ready()`` (called under the lock) or ``timeout``; True if ready."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            while not ready():
+                left = WAIT_SLICE_S if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.lock.wait(min(left, WAIT_SLICE_S))
+            return True
+
+    async def wait_async(self, ready: Callable[[], bool], timeout: float | None) -> bool:
+        """:meth:`wait` for an asyncio task: the loop is never blocked."""
+        loop, flag = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # the loop has closed: nobody is waiting any more
+                pass
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.lock:
+            self._wakers.add(wake)
+        try:
+            while True:
+                with self.lock:
+                    if ready():
+                        return True
+                    flag.clear()  # under the lock: any later change sets it again
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(flag.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            with self.lock:
+                self._wakers.discard(wake)
+
+    def reconnect(self) -> None:
+        """Drop the connection and make a new one; unfinished jobs are re-attached."""
+        self._command(self._reopen, "the connection was reopened (reconnect)")
+
+    def close(self, linger: float = 2.0) -> None:
+        """Send what is still queued (for up to ``linger`` seconds), then stop the thread."""
+        try:
+            self._command(self._begin_close, linger)
+        except ImgprocError:
+            return  # closed already
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=linger + 5.0)
+
+    def _command(self, fn: Callable, *args: Any) -> None:
+        """Run ``fn(*args)`` on the I/O thread, soon."""
+        with self._pipe_lock:
+            if self._wake_w < 0:
+                raise ImgprocError(f"the client of {self.address} is closed")
+            self._commands.put((fn, args))
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:  # the pipe is full of wake-ups already
+                pass
+
+    def _notify(self) -> None:
+        """Wake every waiter after the routed state changed."""
+        with self.lock:
+            self.lock.notify_all()
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
+
+    # -- the I/O thread -----------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Make the DEALER and its monitor, and connect."""
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        try:
+            if self.curve_keys:
+                _configure_curve(sock, self.curve_keys)
+            sock.connect(self.address)
+        except (zmq.ZMQError, OSError, ValueError) as exc:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            raise ImgprocError(
+                f"invalid server address {self.address!r} or keys ({exc}); "
+                "expected e.g. tcp://127.0.0.1:5555"
+            ) from None
+        self.sock, self.monitor = sock, monitor
+        self._poller = zmq.Poller()
+        for item in (self._wake_r, monitor, sock):
+            self._poller.register(item, zmq.POLLIN)
+
+    def _run(self) -> None:
+        """The I/O thread: one loop, until closed."""
+        try:
+            while self._step():
+                pass
+        except Exception as exc:  # noqa: BLE001 - a bug here must end every wait, not hang it
+            with self.lock:
+                self.fatal = ServerGone(f"the client's I/O thread failed: {describe(exc)}")
+        finally:
+            self._shut()
+
+    def _step(self) -> bool:
+        """Wait for a socket, a command or a timer and handle it; False once closed."""
+        flags = zmq.POLLIN | (zmq.POLLOUT if self._outgoing else 0)
+        self._poller.modify(self.sock, flags)
+        ready = dict(self._poller.poll(self._sleep_ms()))
+        if self._wake_r in ready:
+            self._drain_pipe()
+        self._run_commands()
+        if self.monitor in ready:
+            self._watch()
+        if ready.get(self.sock, 0) & zmq.POLLIN:
+            self._receive()
+        self._flush()
+        self._timers()
+        return self._closing_at is None or (
+            bool(self._outgoing) and time.monotonic() < self._closing_at
+        )
+
+    def _sleep_ms(self) -> int:
+        """Milliseconds until the next timer (heartbeat, give-up, close), at most a second."""
+        now, waits = time.monotonic(), [IDLE_POLL_S]
+        with self.lock:
+            if self.connected and not self._outgoing and self._unfinished():
+                waits.append(self._last_sent + self.heartbeat_s() - now)
+        for at in (self._give_up_at, self._closing_at):
+            if at is not None:
+                waits.append(at - now)
+        return max(0, int(min(waits) * 1000) + 1)
+
+    def _drain_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, args = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            fn(*args)
+
+    def _flush(self) -> None:
+        """Send queued messages while ZeroMQ takes them; the rest waits for POLLOUT."""
+        while self._outgoing:
+            frames = self._outgoing[0]
+            big = any(not isinstance(f, bytes) or len(f) >= 65536 for f in frames[1:])
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=not big)
+            except zmq.Again:
+                return
+            self._outgoing.popleft()
+            self._last_sent = time.monotonic()
+
+    def _receive(self) -> None:
+        """Receive what has arrived (a batch at most) and route it under one lock."""
+        messages = []
+        for _ in range(RECEIVE_BATCH):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                header, data = unpack(frames)
+            except ProtocolError:
+                continue  # a message this client cannot read is dropped
+            messages.append((header, [f.buffer for f in data]))
+        with self.lock:
+            for header, data in messages:
+                self._route(header, data)
+        self._notify()
+
+    def _route(self, header: dict[str, Any], data: list) -> None:
+        """Hand one message to its job or its request (under the lock)."""
+        kind, req = header["type"], header.get("req")
+        record = self.jobs.get(header.get("job")) if kind in _JOB_EVENTS else None
+        if kind in ("info", "accepted"):
+            self._learn(header)
+        if record is not None:
+            record.add(Event(kind, header, data))
+        elif isinstance(req, str) and req.startswith("_"):
+            self._internal(req, header)
+        elif isinstance(req, str) and req in self.waiting:
+            if kind == "accepted" and req in self.submits:
+                self._register(header, self.submits.pop(req))
+            self.replies[req] = (header, data)
+        elif kind == "accepted" and req in self.abandoned:  # its caller gave up waiting
+            self.abandoned.discard(req)
+            self._queue(pack("cancel", job=header.get("job"), token=header.get("token")))
+        elif kind == "error" and header.get("code") == "server_failed":
+            why = ServerGone(f"the server at {self.address}: {header.get('message')}")
+            self._fail_requests(why)
+            self._lose_jobs(why)
+
+    def _learn(self, header: dict[str, Any]) -> None:
+        """Keep what ``info`` (or an ``accepted`` that carries them) says about the server."""
+        for key in ("heartbeat_s", "client_timeout", "limits"):
+            if key in header:
+                self.info[key] = header[key]
+        if header["type"] == "info":
+            self.info.update(header)
+
+    def _register(self, header: dict[str, Any], sub: Submission) -> None:
+        """An accepted submit: record the job and queue its uploads straight away."""
+        job_id, token = header["job"], header["token"]
+        self.jobs[job_id] = JobRecord(job_id, token, sub.names(), sub.frames)
+        for index, frame in enumerate(sub.frames):
+            self._queue(pack("upload", [frame], job=job_id, token=token, index=index))
+
+    def _internal(self, req: str, header: dict[str, Any]) -> None:
+        """Replies to the requests the I/O thread makes itself."""
+        kind, _, job_id = req.partition(":")
+        record = self.jobs.get(job_id)
+        if kind == "_attach" and record is not None and header["type"] == "error":
+            record.lost = ServerGone(
+                f"job {job_id}: the server no longer has it after the reconnect "
+                f"({header.get('message')}); it restarted, or cancelled the job when this "
+                "client was silent for its client_timeout"
+            )
+        elif kind == "_sync" and record is not None and header["type"] == "status":
+            if header.get("state") in JOB_STATES_FINAL and not record.done:
+                record.add(_lost_done(job_id, header["state"]))
+
+    def _queue(self, frames: list) -> None:
+        self._outgoing.append(frames)
+
+    def _watch(self) -> None:
+        """Read the monitor: what happened to the connection."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            with self.lock:
+                self._on_monitor(event)
+        self._notify()
+
+    def _on_monitor(self, event: int) -> None:
+        """One connection event (under the lock)."""
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._connected()
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            self.retries += 1
+            if self.dropped is not None and self.retries > 0:  # refused: nobody to re-attach to
+                self._lose_jobs(ServerGone(f"{self.dropped}; nothing listens there any more"))
+        elif event == zmq.EVENT_DISCONNECTED and self.connected:
+            self._drop(
+                f"lost the connection to {self.address}: the server stopped or died, "
+                "the network failed, or it dropped a message over its size limit"
+            )
+        elif event in _REFUSALS:
+            hint = (
+                "this client's key is not among the server's allowed keys, or the server key "
+                "is wrong"
+                if self.curve_keys
+                else "the server requires CURVE: pass --curve-keys DIR"
+            )
+            self.fatal = CurveRefused(f"{self.address} refused the connection: {hint}")
+
+    def _connected(self) -> None:
+        """A handshake succeeded: learn the server's rates; after a drop, re-attach."""
+        was_dropped = self.dropped is not None
+        self.connected, self.retries, self.dropped, self._give_up_at = True, 0, None, None
+        self._queue(pack("info", req="_info"))
+        if was_dropped:
+            for record in [r for r in self.jobs.values() if r.open]:
+                self._reattach(record)
+
+    def _reattach(self, record: JobRecord) -> None:
+        """Take a job over on the new connection; send again uploads that may be lost."""
+        job_id, token = record.id, record.token
+        self._queue(pack("attach", req=f"_attach:{job_id}", job=job_id, token=token))
+        if record.uploads:
+            for index in record.unfinished():
+                frame = record.uploads[index]
+                self._queue(pack("upload", [frame], job=job_id, token=token, index=index))
+        self._queue(pack("status", req=f"_sync:{job_id}", job=job_id, token=token))
+
+    def _drop(self, why: str, reopened: bool = False) -> None:
+        """The connection is down: requests in flight fail; jobs wait for a reconnect for as
+        long as the server keeps them (its ``client_timeout``)."""
+        # libzmq announces the reconnect it schedules after a drop as one "retry" of its own;
+        # a fresh socket's first retry already means a refused attempt.
+        self.connected, self.retries = False, 0 if reopened else -1
+        self.dropped = ServerGone(why)
+        self._fail_requests(self.dropped)
+        self.abandoned.clear()  # no reply can come on a new connection
+        grace = self.info.get("client_timeout") or FALLBACK_CLIENT_TIMEOUT_S
+        self._give_up_at = time.monotonic() + grace
+
+    def _fail_requests(self, error: ImgprocError) -> None:
+        for req in self.waiting - self.replies.keys():
+            self.replies[req] = type(error)(str(error))
+
+    def _lose_jobs(self, error: ImgprocError) -> None:
+        for record in self.jobs.values():
+            if record.open:
+                record.lost = type(error)(str(error))
+        self._give_up_at = None
+
+    def _unfinished(self) -> bool:
+        return any(r.open for r in self.jobs.values())
+
+    def _timers(self) -> None:
+        """Heartbeat when due; give up on a connection that did not come back."""
+        now = time.monotonic()
+        with self.lock:
+            quiet = now - self._last_sent >= self.heartbeat_s()
+            if self.connected and quiet and not self._outgoing and self._unfinished():
+                self._queue(pack("heartbeat"))
+            given_up = self._give_up_at is not None and now >= self._give_up_at
+            if given_up:
+                self._lose_jobs(ServerGone(f"{self.dropped}; it did not come back"))
+        if given_up:
+            self._notify()
+
+    def _reopen(self, why: str) -> None:
+        """Close the socket and connect a new one (ZeroMQ queues nothing across)."""
+        self._close_sockets(linger=0)
+        self._open()
+        with self.lock:
+            self._drop(why, reopened=True)
+        self._notify()
+
+    def _begin_close(self, linger: float) -> None:
+        self._closing_at = time.monotonic() + linger
+
+    def _close_sockets(self, linger: float) -> None:
+        if self.sock.closed:
+            return
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=int(linger * 1000))
+
+    def _shut(self) -> None:
+        """Close everything; every wait still running ends with an error that says so."""
+        left = 0.0 if self._closing_at is None else max(0.0, self._closing_at - time.monotonic())
+        self._close_sockets(linger=left)
+        with self.lock:
+            if self.fatal is None:
+                self.fatal = ImgprocError(f"the client of {self.address} is closed")
+            self.connected = False
+        self._close_pipe()
+        self._notify()
+
+    def _close_pipe(self) -> None:
+        with self._pipe_lock:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+
+def _lost_done(job_id: str, state: str) -> Event:
+    """A ``done`` for a job whose own ``done`` went to a connection that dropped."""
+    message = "the job ended while its messages went to a connection that dropped"
+    header = {"v": 2, "type": "done", "job": job_id, "state": state, "message": message}
+    return Event("done", {**header, "stats": {}})
+
+
+def _configure_curve(sock: zmq.Socket, keys: Path) -> None:
+    from zmq.auth import load_certificate
+
+    public, secret = load_certificate(keys / "client.key_secret")
+    server_public, _ = load_certificate(keys / "server.key")
+    sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_public
+
+
+# -- the synchronous face -----------------------------------------------------------------------
+
+
+class JobHandle:
+    """What every job handle shows of its record: ``id`` and ``token`` (together the job's
+    ticket: only their holder may see, cancel or re-attach to it), ``names`` and ``done``."""
+
+    def __init__(self, client: Any, record: JobRecord):
+        self.client, self._record = client, record
+
+    @property
+    def id(self) -> str:
+        """The job id."""
+        return self._record.id
+
+    @property
+    def token(self) -> str:
+        """The job's secret token."""
+        return self._record.token
+
+    @property
+    def names(self) -> list[str]:
+        """The images' names, in submit order."""
+        return self._record.names
+
+    @property
+    def done(self) -> bool:
+        """The job's ``done`` has arrived."""
+        return self._record.done
+
+
+class Job(JobHandle):
+    """A submitted job: iterate its events, wait for its result, or cancel it (see
+    :meth:`Client.attach` for the ticket)."""
 
     def events(self, timeout: float | None = None) -> Iterator[Event]:
         """Yield events as they come until ``done`` (``timeout``: the longest silence).
 
-        Raises ServerGone if the connection is lost first (the client notices within
+        Raises ServerGone if the connection is lost for good first (the client notices within
         seconds, through ZeroMQ's heartbeats), ServerTimeout after ``timeout`` of silence.
         """
+        core, what = self.client._core, f"no word about job {self.id}{_within(timeout)}"
         while True:
-            while self.queue:
-                event = self.queue.popleft()
-                yield event
-                if event.type == "done":
-                    return
-            if self.done:
-                return
-            self._check()
-            if not self.queue:
-                self.client._pump(timeout)
+            core.wait(lambda: core.job_ready(self._record), timeout)
+            event = core.next_event(self._record, what)
+            if event is None:
+                break
+            yield event
+            if event.type == "done":
+                break
+        self.client._forget(self)
 
     def result(self, timeout: float | None = None) -> JobResult:
-        """Wait for the job to end and return its images and errors."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.done:
-            self._check()
-            if self.done:
-                break
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if left == 0.0:
-                raise ServerTimeout(f"job {self.id} not done within {timeout} s")
-            self.client._pump(left)
-        self.queue.clear()
-        assert self.final is not None
-        h = self.final.header
-        return JobResult(
-            self.id,
-            h["state"],
-            [e.image() if e is not None else None for e in self.results],
-            self.errors,
-            h.get("stats", {}),
-            h.get("message"),
-        )
+        """Wait for the job to end (at most ``timeout``) and return its images and errors."""
+        core = self.client._core
+        core.wait(lambda: core.job_over(self._record), timeout)
+        outcome = core.outcome(self._record, f"job {self.id} not done{_within(timeout)}")
+        self.client._forget(self)
+        return outcome
 
     def cancel(self) -> dict[str, Any]:
-        """Ask the server to cancel this job."""
+        """Ask the server to cancel this job; returns its state afterwards."""
         return self.client.request("cancel", job=self.id, token=self.token)[0]
 
     def status(self) -> dict[str, Any]:
@@ -211,14 +920,14 @@ class Client:
     """A connection to one server.
 
     ``curve_keys``: a folder from ``mpi-imgproc keys``.  ``timeout``: how long to wait for a
-    direct reply.  ``heartbeat``: the longest silence towards the server; keep it under a third
-    of the server's ``--client-timeout`` (``info`` reports it).
+    direct reply.  ``heartbeat``: at most this many seconds between messages while jobs are
+    unfinished; by default (and whenever it is shorter) the server's own ``heartbeat_s``.
 
     Every wait is bounded and every failure says which case it is: :class:`NothingListening`,
-    :class:`CurveRefused`, :class:`ServerGone` (the connection dropped, or the server reported
-    its own failure), :class:`RequestTooLarge` (checked against the server's ``info`` before
-    anything is sent), :class:`ServerTimeout` (connected, but no answer in time) and
-    :class:`ServerError` (the server refused the request, with its code).
+    :class:`CurveRefused`, :class:`ServerGone` (the connection dropped and did not come back,
+    or the server reported its own failure), :class:`RequestTooLarge` (checked against the
+    server's ``info`` before anything is sent), :class:`ServerTimeout` (connected, but no
+    answer in time) and :class:`ServerError` (the server refused the request, with its code).
     """
 
     def __init__(
@@ -226,37 +935,13 @@ class Client:
         address: str = DEFAULT_ADDRESS,
         curve_keys: str | Path | None = None,
         timeout: float = 30.0,
-        heartbeat: float = HEARTBEAT_INTERVAL,
+        heartbeat: float | None = None,
     ):
-        self.address = address
-        self.timeout = timeout
-        self.heartbeat = heartbeat
-        self.curve = curve_keys is not None
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
-        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
-        self.monitor = self.sock.get_monitor_socket(_MONITOR_EVENTS)
-        try:
-            if curve_keys:
-                _configure_curve(self.sock, Path(curve_keys))
-            self.sock.connect(address)
-        except (zmq.ZMQError, OSError, ValueError) as exc:
-            self.close()
-            raise ImgprocError(
-                f"invalid server address {address!r} or keys ({exc}); "
-                "expected e.g. tcp://127.0.0.1:5555"
-            ) from None
-        self.jobs: dict[str, Job] = {}
-        self.replies: dict[str, tuple[dict, list]] = {}
-        self.limits: dict[str, int] | None = None
-        self._ids = itertools.count(1)
-        self._last_sent = time.monotonic()
-        self.connected = False  # a handshake has succeeded (and no disconnect since)
-        self.refused: CurveRefused | None = None
-        self.retries = 0
-        self.lost: ServerGone | None = None
+        self.address, self.timeout = address, timeout
+        self._core = Connection(address, curve_keys, heartbeat)
+        self._handles: dict[str, Job] = {}
+        # A client dropped without close() still stops its thread (and its heartbeats).
+        self._finalizer = weakref.finalize(self, self._core.close, 0.0)
 
     def __enter__(self) -> Client:
         return self
@@ -265,12 +950,16 @@ class Client:
         self.close()
 
     def close(self, linger: float = 2.0) -> None:
-        """Close the socket, waiting up to ``linger`` seconds for uploads still queued to go
-        out.  The server keeps this client's jobs for ``attach`` until it has been silent for
-        the server's ``client_timeout``, then cancels them."""
-        self.sock.disable_monitor()
-        self.monitor.close(linger=0)
-        self.sock.close(linger=int(linger * 1000))
+        """Close the connection, waiting up to ``linger`` seconds for uploads still queued to
+        go out.  The server keeps this client's jobs for ``attach`` until it has been silent
+        for the server's ``client_timeout``, then cancels them."""
+        self._finalizer.detach()
+        self._core.close(linger)
+
+    @property
+    def heartbeat_s(self) -> float:
+        """Seconds between heartbeats now (the server's ``heartbeat_s`` once known)."""
+        return self._core.heartbeat_s()
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -281,66 +970,51 @@ class Client:
         tile: int | str = "auto",
         names: Sequence[str] | None = None,
         result: str = "raw",
+        progress: bool = True,
     ) -> Job:
         """Send images (paths: file bytes; arrays: raw pixels) with a pipeline; returns a Job.
 
         The pipeline is validated here first, and the request is checked against the server's
         limits, so a bad op or an oversized request fails before any image data is sent.
+        The images are uploaded as soon as the server accepts (in the background).
         """
-        if not isinstance(pipeline, Pipeline):
-            pipeline = (
-                Pipeline.parse(pipeline)
-                if all(isinstance(p, str) for p in pipeline)
-                else Pipeline.from_json(list(pipeline))
-            )
-        descs, frames = [], []
-        for i, image in enumerate(images):
-            name = (
-                names[i]
-                if names
-                else (Path(image).name if not isinstance(image, np.ndarray) else f"image{i}")
-            )
-            if isinstance(image, np.ndarray):
-                image = np.ascontiguousarray(image)
-                descs.append({"name": name, "size": image.nbytes, **raw_fields(image)})
-                frames.append(image)
-            else:
-                data = Path(image).read_bytes()
-                descs.append({"name": name, "encoding": "file", "size": len(data)})
-                frames.append(data)
-        self._check_limits(descs)
-        header, _ = self.request(
-            "submit", pipeline=pipeline.to_json(), images=descs, tile=tile, result=result
-        )
-        job = Job(self, header["job"], header["token"], [d["name"] for d in descs])
-        self.jobs[job.id] = job
-        for index, frame in enumerate(frames):
-            upload = pack("upload", [frame], job=job.id, token=job.token, index=index)
-            self.sock.send_multipart(upload, copy=len(frame) < 65536)
-        self._last_sent = time.monotonic()
-        return job
+        return self._submit(prepare_submit(images, pipeline, names), tile, result, progress)
 
-    def _check_limits(self, descs: list[dict[str, Any]]) -> None:
-        """Refuse here what the server would refuse, before sending a byte of image data."""
-        if self.limits is None:
-            self.limits = self.info().get("limits", {})
-        size, limit = sum(d["size"] for d in descs), self.limits.get("max_request_bytes")
-        if limit is not None and size > limit:
-            raise RequestTooLarge(
-                f"{len(descs)} images of {size} bytes are over the server's limit of "
-                f"{limit} bytes per request (--max-request-mb); submit fewer at a time"
-            )
-        most = self.limits.get("max_images")
-        if most is not None and len(descs) > most:
-            raise RequestTooLarge(f"{len(descs)} images in one request; the server takes {most}")
+    def _submit(self, sub: Submission, tile: int | str, result: str, progress: bool) -> Job:
+        check_limits(self._limits(), sub.descs)
+        fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile, "result": result}
+        req = self._core.request("submit", submission=sub, progress=progress, **fields)
+        header, _ = self._reply(req, "submit")
+        return self._handle(self._core.take_job(header))
 
     def attach(self, job_id: str, token: str, names: Sequence[str] = ()) -> Job:
         """Take over a job submitted through another connection (after a reconnect or a
         restart of this program): its undelivered messages come here from now on."""
-        header, _ = self.request("attach", job=job_id, token=token)
-        job = Job(self, job_id, token, list(names) or [""] * header["images_total"])
-        self.jobs[job_id] = job
-        return job
+        req, record = self._core.attach(job_id, token, names)
+        try:
+            header, _ = self._reply(req, "attach")
+        except ImgprocError:
+            self._core.forget(job_id)
+            raise
+        with self._core.lock:
+            record.names = record.names or [""] * header["images_total"]
+        return self._handle(record)
+
+    def map(
+        self,
+        images: Iterable[str | Path | np.ndarray],
+        pipeline: Pipeline | Sequence[str] | list[dict],
+        window: int = 4,
+        chunk: int = 16,
+        tile: int | str = "auto",
+        result: str = "raw",
+        timeout: float | None = None,
+        on_submit: Callable[[Job, list[int]], None] | None = None,
+    ) -> MapStream:
+        """Stream any number of images through the server, at most ``window`` jobs of
+        ``chunk`` images in flight; iterate the returned :class:`MapStream` for one
+        :class:`MapItem` per image, in the order they complete."""
+        return MapStream(self, images, pipeline, window, chunk, tile, result, timeout, on_submit)
 
     def status(self, job_id: str, token: str) -> dict[str, Any]:
         """``status`` of a job (its owner only: ``token`` is from ``accepted``)."""
@@ -351,158 +1025,264 @@ class Client:
         return self.request("cancel", job=job_id, token=token)[0]
 
     def info(self) -> dict[str, Any]:
-        """Ranks, hosts, engines, versions, queue and limits of the server."""
+        """Ranks, hosts, engines, versions, queue, limits and heartbeat rate of the server."""
         return self.request("info")[0]
 
     def request(self, kind: str, frames: Sequence[Any] = (), **fields: Any) -> tuple[dict, list]:
         """Send one request and wait for its direct reply (raises ServerError on ``error``)."""
-        if self.lost is not None and not self.connected:
-            self.lost = None  # a new request may find a server again
-        req = f"r{next(self._ids)}"
-        self.sock.send_multipart(pack(kind, frames, req=req, **fields), copy=len(frames) == 0)
-        self._last_sent = time.monotonic()
-        deadline = time.monotonic() + self.timeout
-        while req not in self.replies:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._silence(f"no reply to {kind} within {self.timeout:g} s")
-            self._pump(left, waiting_for_reply=True)
-        header, data = self.replies.pop(req)
-        if header["type"] == "error":
-            raise ServerError(header.get("code", "error"), header.get("message", ""))
-        return header, data
+        return self._reply(self._core.request(kind, frames, **fields), kind)
+
+    def reconnect(self) -> None:
+        """Drop the connection and open a new one; unfinished jobs are re-attached by the
+        client itself (requests in flight fail with ServerGone)."""
+        self._core.reconnect()
+
+    def send_raw(self, frames: list) -> None:
+        """Queue one message of raw frames, unchecked (for protocol tests)."""
+        self._core.send(frames)
 
     def poll_events(self, timeout: float | None = None) -> list[tuple[Job, Event]]:
         """Wait (at most ``timeout``) for messages about any of this client's jobs; return
         every event that has arrived, oldest first.  Finished jobs are forgotten."""
-        if not any(job.queue for job in self.jobs.values()):
-            for job in self.jobs.values():
-                job._check()
-            self._pump(timeout)
+        core, jobs = self._core, list(self._handles.values())
+        if not jobs:
+            return []
+        if not core.wait(lambda: any(core.job_ready(j._record) for j in jobs), timeout):
+            raise core.why(jobs[0]._record, f"no message{_within(timeout)}")
         events = []
-        for job in list(self.jobs.values()):
-            while job.queue:
-                events.append((job, job.queue.popleft()))
-            if job.done:
-                del self.jobs[job.id]
+        for job in jobs:
+            while (event := core.pop_event(job._record)) is not None:
+                events.append((job, event))
+            self._forget(job)
         return events
 
-    # -- the receive side ---------------------------------------------------------------
+    def _reply(self, req: str, kind: str) -> tuple[dict, list]:
+        self._core.wait(lambda: self._core.answered(req), self.timeout)
+        return self._core.take_reply(req, kind, self.timeout)
 
-    def _heartbeat(self) -> None:
-        """Tell the server we are still here, at least every ``heartbeat`` seconds —
-        also while messages keep arriving, since the server hears only what we send."""
-        if time.monotonic() - self._last_sent >= self.heartbeat:
-            self.sock.send_multipart(pack("heartbeat"))
-            self._last_sent = time.monotonic()
+    def _limits(self) -> dict[str, Any]:
+        limits = self._core.limits()
+        return self.info().get("limits", {}) if limits is None else limits
 
-    def _silence(self, what: str) -> ServerUnavailable | ServerTimeout:
-        """The error for a wait that ran out, by what the connection has seen."""
-        if self.refused is not None:
-            return self.refused
-        if self.lost is not None:
-            return self.lost
-        if not self.connected:
-            why = "connection refused" if self.retries else "no connection made"
-            return NothingListening(
-                f"{what}: nothing is listening at {self.address} ({why}; is the server "
-                "running, and at that address?)"
-            )
-        return ServerTimeout(f"{what}: connected to {self.address}, but the server is silent")
+    def _handle(self, record: JobRecord) -> Job:
+        job = Job(self, record)
+        self._handles[record.id] = job
+        return job
 
-    def _pump(self, timeout: float | None, waiting_for_reply: bool = False) -> None:
-        """Receive one message (waiting at most ``timeout``) and route it; heartbeat meanwhile.
+    def _forget(self, job: Job) -> None:
+        """The job's end has been read: stop tracking it."""
+        if job.done or not job._record.open:
+            self._handles.pop(job.id, None)
+            self._core.forget(job.id)
 
-        Raises at once what cannot get better by waiting: a refused handshake, a lost
-        connection (for a job or a request in flight).
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
+
+# -- map: a bounded window over any number of images --------------------------------------------
+
+
+@dataclass
+class MapItem:
+    """One image's outcome in :meth:`Client.map`: its result, or why it has none.
+
+    ``error`` is ``(code, message)``: an ``image_error`` from the server, ``image_read_error``
+    or ``limit_exceeded`` found by the client before sending, ``lost`` (the result went to a
+    connection that dropped), or the job's state (``cancelled``, ``failed``) for an image its
+    job ended without.
+    """
+
+    index: int
+    source: Any
+    name: str
+    job: str | None = None
+    event: Event | None = None
+    error: tuple[str, str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        """The image has a result."""
+        return self.error is None
+
+    def image(self) -> np.ndarray:
+        """The result's pixels (decoded if the result came encoded)."""
+        if self.event is None or self.event.type != "result":
+            raise ImgprocError(f"{self.name}: no result ({self.error})")
+        return self.event.image()
+
+
+class MapStream:
+    """The iterator :meth:`Client.map` returns.
+
+    Reads the input lazily, a chunk at a time; submits while fewer than ``window`` of its jobs
+    are in flight; yields a :class:`MapItem` per image as results and errors arrive, so
+    memory stays flat whatever the number of images.  ``jobs`` lists each finished job's
+    ``done`` header; ``in_flight`` and ``most_in_flight`` count jobs.  :meth:`stop` submits
+    no more (the jobs in flight still drain); :meth:`close` (also on leaving a ``with``
+    block) cancels the jobs still in flight.  ``timeout``: the longest wait for any word.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        images: Iterable[Any],
+        pipeline: Pipeline | Sequence[str] | list[dict],
+        window: int,
+        chunk: int,
+        tile: int | str,
+        result: str,
+        timeout: float | None,
+        on_submit: Callable[[Job, list[int]], None] | None,
+    ):
+        for name, value in (("window", window), ("chunk", chunk)):
+            if not isinstance(value, int) or value < 1:
+                raise InvalidParameter(f"map: {name} must be an integer >= 1, got {value!r}")
+        self.client, self.window, self.chunk = client, window, chunk
+        # Progress is not yielded, but keeps ``timeout`` (the longest silence) about the work.
+        self.options = {"tile": tile, "result": result, "progress": True}
+        self.timeout, self.on_submit = timeout, on_submit
+        self.pipeline = as_pipeline(pipeline).to_json()
+        self.jobs: list[dict[str, Any]] = []
+        self.most_in_flight, self.stopped = 0, False
+        self._inputs = enumerate(images)
+        self._held: tuple[int, Any, dict, Any] | None = None  # read, waits for the next chunk
+        self._exhausted = False
+        self._flight: dict[str, tuple[Job, list[tuple[int, Any]]]] = {}
+        self._ready: deque[MapItem | dict[str, Any]] = deque()
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs of this map submitted and not yet done."""
+        return len(self._flight)
+
+    def __iter__(self) -> MapStream:
+        return self
+
+    def __next__(self) -> MapItem:
         while True:
-            self._heartbeat()
-            wait = (
-                self.heartbeat
-                if deadline is None
-                else min(self.heartbeat, max(0.0, deadline - time.monotonic()))
-            )
-            ready = dict(poller.poll(int(wait * 1000)))
-            if self.monitor in ready:
-                self._watch()
-            if self.refused is not None:
-                raise self.refused
-            if self.sock in ready:
-                self._receive()
-                return
-            if self.lost is not None and (waiting_for_reply or self._unfinished()):
-                raise self.lost
-            if deadline is not None and time.monotonic() >= deadline:
-                raise self._silence(f"no message within {timeout:g} s")
+            self._top_up()
+            while not self._ready:
+                if not self._flight:
+                    raise StopIteration
+                self._collect()
+                self._top_up()
+            item = self._ready.popleft()
+            if isinstance(item, MapItem):
+                return item
+            self.jobs.append(item)  # a job's done header, queued behind its last item
 
-    def _receive(self) -> None:
-        """Receive one message and route it to its job or request."""
-        header, data = unpack(self.sock.recv_multipart(copy=False))
-        data = [f.buffer for f in data]
-        job = self.jobs.get(header.get("job")) if header["type"] in _JOB_EVENTS else None
-        if job is not None:
-            job._record(Event(header["type"], header, data))
-        elif isinstance(header.get("req"), str):
-            self.replies[header["req"]] = (header, data)
-        elif header["type"] == "error" and header.get("code") == "server_failed":
-            self._lose(ServerGone(f"the server at {self.address}: {header.get('message')}"))
+    def __enter__(self) -> MapStream:
+        return self
 
-    def _drain(self) -> None:
-        """Route every message that has already arrived."""
-        while self.sock.poll(0, zmq.POLLIN):
-            self._receive()
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    def _unfinished(self) -> bool:
-        return any(not job.done for job in self.jobs.values())
+    def stop(self) -> None:
+        """Submit no more chunks; the jobs in flight still come through."""
+        self.stopped = True
 
-    def _watch(self) -> None:
-        """Read the socket's monitor events: what happened to the connection."""
-        while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)["event"]
-            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.connected, self.retries = True, 0
-            elif event == zmq.EVENT_CONNECT_RETRIED:
-                self.retries += 1
-            elif event == zmq.EVENT_DISCONNECTED and self.connected:
-                self.connected = False
-                self._lose(
-                    ServerGone(
-                        f"lost the connection to {self.address}: the server stopped or died, "
-                        "the network failed, or it dropped a message over its size limit"
-                    )
-                )
-            elif event in (
-                zmq.EVENT_HANDSHAKE_FAILED_AUTH,
-                zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
-            ):
-                hint = (
-                    "this client's key is not among the server's allowed keys, or the "
-                    "server key is wrong"
-                    if self.curve
-                    else "the server requires CURVE: pass --curve-keys DIR"
-                )
-                self.refused = CurveRefused(f"{self.address} refused the connection: {hint}")
+    def close(self) -> None:
+        """Stop, and cancel the jobs still in flight (without waiting for the server)."""
+        self.stopped = True
+        for job, _ in self._flight.values():
+            try:
+                self.client.send_raw(pack("cancel", job=job.id, token=job.token))
+            except ImgprocError:
+                pass  # the client is closed: the server cancels them after its timeout
+            self.client._core.forget(job.id)
+        self._flight.clear()
 
-    def _lose(self, error: ServerGone) -> None:
-        """The connection is gone: every unfinished job's wait ends with ``error``."""
-        self.lost = error
-        for job in self.jobs.values():
-            if not job.done:
-                job.lost = error
+    def _top_up(self) -> None:
+        """Submit chunks while the window has room, input is left and few items wait."""
+        while (
+            not (self.stopped or self._exhausted)
+            and len(self._flight) < self.window
+            and len(self._ready) < self.chunk
+        ):
+            members, sub = self._next_chunk()
+            if members:
+                self._send(members, sub)
+
+    def _send(self, members: list[tuple[int, Any]], sub: Submission) -> None:
+        job = self.client._submit(sub, **self.options)
+        self._flight[job.id] = (job, members)
+        self.most_in_flight = max(self.most_in_flight, len(self._flight))
+        if self.on_submit is not None:
+            self.on_submit(job, [index for index, _ in members])
+
+    def _next_chunk(self) -> tuple[list[tuple[int, Any]], Submission]:
+        """Read up to ``chunk`` images that fit in one request; unreadable ones and ones over
+        the request limit alone become error items at once."""
+        limits = self.client._limits()
+        most = limits.get("max_request_bytes") or float("inf")
+        count = min(self.chunk, limits.get("max_images") or self.chunk)
+        members: list[tuple[int, Any]] = []
+        sub = Submission(self.pipeline, [], [])
+        while len(members) < count:
+            loaded, self._held = self._held or self._read(), None
+            if loaded is None:
+                break
+            index, source, desc, frame = loaded
+            if desc["size"] > most:
+                self._refuse(index, source, desc["name"], "limit_exceeded", _too_large(desc, most))
+            elif members and sub.size + desc["size"] > most:
+                self._held = loaded  # it starts the next chunk
+                break
+            else:
+                members.append((index, source))
+                sub.descs.append(desc)
+                sub.frames.append(frame)
+        return members, sub
+
+    def _read(self) -> tuple[int, Any, dict, Any] | None:
+        """The next readable input (unreadable ones become error items), None at the end."""
+        for index, source in self._inputs:
+            name = default_name(source, index)
+            try:
+                desc, frame = load_image(source, name)
+            except ImageReadError as exc:
+                self._refuse(index, source, name, "image_read_error", str(exc))
+                continue
+            return index, source, desc, frame
+        self._exhausted = True
+        return None
+
+    def _refuse(self, index: int, source: Any, name: str, code: str, message: str) -> None:
+        self._ready.append(MapItem(index, source, name, error=(code, message)))
+
+    def _collect(self) -> None:
+        """Wait for news of any job in flight; turn it into items."""
+        core = self.client._core
+        flight = list(self._flight.values())
+        if not core.wait(lambda: any(core.job_ready(j._record) for j, _ in flight), self.timeout):
+            raise core.why(flight[0][0]._record, f"no word about map's jobs{_within(self.timeout)}")
+        for job, members in flight:
+            while (event := core.pop_event(job._record)) is not None:
+                self._take(job, members, event)
+
+    def _take(self, job: Job, members: list[tuple[int, Any]], event: Event) -> None:
+        """One event of a job in flight: an item, or the job's end."""
+        index = event.header.get("index")
+        if event.type == "done":
+            self._finish(job, members, event.header)
+        elif event.type in ("result", "image_error") and isinstance(index, int):
+            error = None
+            if event.type == "image_error":
+                error = (event.header.get("code", ""), event.header.get("message", ""))
+            position, source = members[index]
+            self._ready.append(MapItem(position, source, job.names[index], job.id, event, error))
+
+    def _finish(self, job: Job, members: list[tuple[int, Any]], header: dict[str, Any]) -> None:
+        """A job is done: an item for each image it ended without; the window has room."""
+        state = header.get("state", "done")
+        error = ("lost", LOST_MESSAGE) if state == "done" else (state, header.get("message", ""))
+        for index in job._record.unfinished():
+            position, source = members[index]
+            self._ready.append(MapItem(position, source, job.names[index], job.id, None, error))
+        self._ready.append(header)  # into ``jobs`` once every item before it is yielded
+        del self._flight[job.id]
+        self.client._forget(job)
 
 
-_JOB_EVENTS = ("progress", "result", "image_error", "done")
-
-
-def _configure_curve(sock: zmq.Socket, keys: Path) -> None:
-    from zmq.auth import load_certificate
-
-    public, secret = load_certificate(keys / "client.key_secret")
-    server_public, _ = load_certificate(keys / "server.key")
-    sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_public
+def _too_large(desc: dict[str, Any], most: float) -> str:
+    return (
+        f"{desc['size']} bytes, over the server's limit of {int(most)} bytes per request "
+        "(--max-request-mb)"
+    )

@@ -1,8 +1,13 @@
 """Decode and encode image files with errors that say why (callers add which file).
 
 OpenCV decodes a truncated JPEG or PNG silently (it only prints a warning) and returns a partly
-grey image; such a file must be reported, not processed.  ``decode`` therefore checks that JPEG
-and PNG data end where their format says they end before handing them to OpenCV.
+grey image; such a file must be reported, not processed.  ``decode`` therefore walks JPEG
+markers to the end-of-image marker and PNG chunks to ``IEND`` before handing the data to OpenCV:
+a file that runs out first is truncated, while bytes after the end (which cameras and editors
+often leave, and which OpenCV and Pillow ignore) are accepted.
+
+Files are opened without blocking and must be regular files, so that a FIFO or a device named
+``x.png`` is refused instead of hanging the reader.
 
 ``probe`` reads an image's size from its header alone, so that a pixel limit can refuse a
 30000x30000 PNG of a few hundred kilobytes before decoding it would take 900 MB.
@@ -13,6 +18,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import stat
 import struct
 import threading
 from collections.abc import Iterable
@@ -38,15 +44,58 @@ from .ops import check_image
 FORMATS = ("png", "jpg", "tif", "same")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm")
 _EXTENSIONS = {"png": ".png", "jpg": ".jpg", "tif": ".tif"}
-_JPEG_EOI = b"\xff\xd9"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_IEND = b"IEND\xaeB`\x82"
+# JPEG markers that stand alone, without a length (TEM, SOI; RST0-7 and EOI are handled apart).
+_JPEG_STANDALONE = (0x01, 0xD8)
+_JPEG_EOI = 0xD9
+
+
+def png_end(data: bytes) -> int | None:
+    """Offset just past a PNG's ``IEND`` chunk, walking the chunks; None if the data ends first."""
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        end = pos + 12 + length  # length, type, data, CRC
+        if end > len(data):
+            return None
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return end
+        pos = end
+    return None
+
+
+def jpeg_end(data: bytes) -> int | None:
+    """Offset just past a JPEG's end-of-image marker; None if the data ends first.
+
+    Segments are skipped by their lengths (so an EXIF thumbnail's own end marker is not taken
+    for the image's), and the entropy-coded data after each start-of-scan segment is searched
+    for the next real marker: ``FF`` followed by neither a stuffed ``00`` nor a restart marker.
+    """
+    pos = 2
+    while True:
+        pos = data.find(b"\xff", pos)
+        while 0 <= pos < len(data) - 1 and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes before a marker
+        if pos < 0 or pos + 1 >= len(data):
+            return None
+        marker = data[pos + 1]
+        if marker == 0 or 0xD0 <= marker <= 0xD7:
+            pos += 2  # a stuffed byte or a restart marker: inside a scan, not a segment
+            continue
+        if marker == _JPEG_EOI:
+            return pos + 2
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if pos + 4 > len(data):
+            return None
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")  # past a segment, maybe beyond
 
 
 def _check_complete(data: bytes) -> None:
-    if data[:3] == b"\xff\xd8\xff" and _JPEG_EOI not in data[-64:]:
+    if data[:3] == b"\xff\xd8\xff" and jpeg_end(data) is None:
         raise ImageReadError("truncated JPEG (no end-of-image marker)")
-    if data[:8] == _PNG_SIGNATURE and _PNG_IEND not in data[-64:]:
+    if data[:8] == _PNG_SIGNATURE and png_end(data) is None:
         raise ImageReadError("truncated PNG (no IEND chunk)")
 
 
@@ -71,12 +120,45 @@ def decode(data: bytes | memoryview) -> np.ndarray:
     return image
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """The bytes of one image file; ImageReadError says why it cannot be read."""
+def _kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a plain file"
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open a regular file for reading; ImageReadError for anything else (a FIFO, a folder).
+
+    The file is opened with ``O_NONBLOCK`` and checked with ``fstat`` on the open descriptor:
+    opening a FIFO with no writer then returns at once instead of waiting forever, and the file
+    checked is the file read.
+    """
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise ImageReadError(f"cannot read: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ImageReadError(f"cannot read: {_kind(mode)}, not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The bytes of one image file; ImageReadError says why it cannot be read."""
+    with open_regular(path) as fp:
+        try:
+            return fp.read()
+        except OSError as exc:
+            raise ImageReadError(f"cannot read: {exc.strerror or exc}") from None
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -226,9 +308,9 @@ def probe(
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _probe_file(io.BytesIO(source))
     try:
-        with open(source, "rb") as fp:
+        with open_regular(source) as fp:
             return _probe_file(fp)
-    except OSError:
+    except (OSError, ImageReadError):
         return None
 
 
@@ -296,19 +378,56 @@ def expand_inputs(items: Iterable[str]) -> list[str]:
     """Files named by paths, folders (their image files, sorted) and globs, in order.
 
     A path that does not exist is kept, so that it is reported as unreadable like any other
-    bad input rather than silently skipped.
+    bad input rather than silently skipped.  :func:`list_inputs` also says what was left out.
+    """
+    return list_inputs(items)[0]
+
+
+def list_inputs(items: Iterable[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """``expand_inputs``, and every folder or glob entry it leaves out with the reason why.
+
+    A folder gives its regular files with an image suffix; its other entries (sub-folders,
+    other suffixes such as ``.gif`` or ``.json``, FIFOs) are left out.  A glob gives what it
+    matches except folders and other non-regular files.  A path named on its own is always
+    kept, so that reading it reports what is wrong with it.
     """
     files: list[str] = []
+    left_out: list[tuple[str, str]] = []
     for item in items:
         if os.path.isdir(item):
-            names = sorted(os.listdir(item))
-            files += [
-                os.path.join(item, n)
-                for n in names
-                if n.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(item, n))
-            ]
+            for name in sorted(os.listdir(item)):
+                path = os.path.join(item, name)
+                reason = _not_taken(path, check_suffix=True)
+                files += [path] if reason is None else []
+                left_out += [(path, reason)] if reason is not None else []
         elif glob.has_magic(item):
-            files += sorted(f for f in glob.glob(item) if os.path.isfile(f))
+            for path in sorted(glob.glob(item)):
+                reason = _not_taken(path, check_suffix=False)
+                files += [path] if reason is None else []
+                left_out += [(path, reason)] if reason is not None else []
         else:
             files.append(item)
-    return files
+    return files, left_out
+
+
+def not_regular(path: str | Path) -> str | None:
+    """What ``path`` is if it is not a regular file (``"a FIFO, not a regular file"``); None
+    for a regular file, or for a path that cannot be stat'ed (reading it will say why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return None if stat.S_ISREG(mode) else f"{_kind(mode)}, not a regular file"
+
+
+def _not_taken(path: str, check_suffix: bool) -> str | None:
+    """Why a folder or glob entry is not an input; None if it is one."""
+    if os.path.isdir(path):
+        return "a folder (folders are not searched recursively)"
+    kind = not_regular(path)
+    if kind is not None:
+        return kind
+    if check_suffix and not path.lower().endswith(IMAGE_SUFFIXES):
+        suffix = f"suffix {Path(path).suffix}" if Path(path).suffix else "no suffix"
+        return f"{suffix}: not an image suffix ({', '.join(IMAGE_SUFFIXES)})"
+    return None
