@@ -8,6 +8,7 @@ Workers then open exactly the resolved path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from pathlib import Path
@@ -50,3 +51,73 @@ def input_file(root: Path, path: str) -> Path:
 def relative(root: Path, path: str | Path) -> str:
     """How a path under the root is named back to the client."""
     return os.path.relpath(path, root)
+
+
+# -- using the paths: every open is checked again, on the file actually opened ---------------
+# The checks above run when a job is accepted; the files are used later, by other processes.
+# A symlink swapped in between must not lead outside the root, so every open below is made
+# without following a final symlink, and the path the kernel reports for the open file
+# (/proc/self/fd/N) must still be inside the root.  Readers and writers that only take paths
+# (tifffile, NumPy's memory maps) are given that /proc path: it names the checked file itself.
+
+
+def open_beneath(root: str, path: str, directory: bool = False) -> int:
+    """A file descriptor for ``path``, proven to be inside ``root`` (and a regular file, or with
+    ``directory`` a folder); PathRefused otherwise."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | (os.O_DIRECTORY if directory else 0))
+    except OSError as exc:
+        raise PathRefused(f"{path}: {exc.strerror} (not a plain file under the root)") from None
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.commonpath([root, real]) != root:
+            raise PathRefused(f"{path} now leads outside the server's data root")
+        if not directory and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PathRefused(f"{path} is no longer a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def fd_path(fd: int, name: str = "") -> str:
+    """The path that names an open file (or, with ``name``, an entry of an open folder)."""
+    return f"/proc/self/fd/{fd}" + (f"/{name}" if name else "")
+
+
+def read_beneath(root: str, path: str) -> bytes:
+    """The bytes of a file under ``root`` (see ``open_beneath``)."""
+    with os.fdopen(open_beneath(root, path), "rb") as f:
+        return f.read()
+
+
+def write_beneath(root: str, target: str, data: bytes | memoryview) -> None:
+    """Write ``target`` under ``root`` atomically: a temporary file in its folder, opened
+    through the checked folder itself, then renamed over the target within that folder."""
+    folder, name = os.path.split(target)
+    dfd = open_beneath(root, folder, directory=True)
+    tmp = f".{name[:64]}.{os.getpid()}.part"
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with os.fdopen(os.open(tmp, flags, 0o666, dir_fd=dfd), "wb") as f:
+            f.write(data)
+        os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dfd)
+        raise
+    finally:
+        os.close(dfd)
+
+
+def replace_beneath(root: str, source: str, target: str) -> None:
+    """Rename ``source`` to ``target``, both in one folder under ``root``."""
+    folder = os.path.dirname(target)
+    dfd = open_beneath(root, folder, directory=True)
+    try:
+        os.replace(
+            os.path.basename(source), os.path.basename(target), src_dir_fd=dfd, dst_dir_fd=dfd
+        )
+    finally:
+        os.close(dfd)

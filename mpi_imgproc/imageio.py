@@ -353,7 +353,8 @@ def write_atomic(path: str | Path, data: bytes | memoryview | np.ndarray) -> Non
     0666 less the umask, as a plain ``open`` would.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.part")
+    # Short whatever the name's length (a 250-character name must still leave room).
+    tmp = path.with_name(f".{path.name[:64]}.{os.getpid()}.{threading.get_ident()}.part")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     except FileNotFoundError:

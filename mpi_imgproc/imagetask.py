@@ -16,12 +16,15 @@ raw pixels are checked, with every op's output size, before the pipeline runs.
 
 from __future__ import annotations
 
+import os
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .datapaths import fd_path, open_beneath, read_beneath, write_beneath
 from .imageio import decode, encode, probe, read_bytes, write_atomic
 from .pipeline import Pipeline
 from .pipeline import check_pixel_limit as _check_pixels
@@ -65,7 +68,8 @@ def run_image_task(
     started = time.perf_counter()
     if spec["input"] in (PATH, ENCODED):
         if spec["input"] == PATH:
-            data = read_bytes(spec["source"])
+            root = spec.get("root")  # a job by reference: the open is checked again
+            data = read_beneath(root, spec["source"]) if root else read_bytes(spec["source"])
         else:
             assert payload is not None
             data = payload.tobytes() if isinstance(payload, np.ndarray) else bytes(payload)
@@ -90,7 +94,10 @@ def run_image_task(
     fields["encode_s"] = time.perf_counter() - encoding
     if spec["output"] == ENCODED:
         return as_buffer(data), fields
-    write_atomic(Path(spec["target"]), data)
+    if spec.get("root"):
+        write_beneath(spec["root"], spec["target"], data)
+    else:
+        write_atomic(Path(spec["target"]), data)
     fields["written"] = spec["target"]
     fields["bytes"] = len(data)
     return None, fields
@@ -104,7 +111,7 @@ def run_region_tasks(engine: Any, headers: list[dict[str, Any]]) -> list[Any]:
     fails is run again task by task to find which one.
     """
     from .pipeline import stage_from_text
-    from .regionio import open_region, write_region
+    from .regionio import open_region
 
     stage = stage_from_text(headers[0]["stage"])
     readers: dict[str, Any] = {}
@@ -113,11 +120,13 @@ def run_region_tasks(engine: Any, headers: list[dict[str, Any]]) -> list[Any]:
         regions = []
         for h in batch:
             if h["source"] not in readers:
-                readers[h["source"]] = open_region(h["source"])
+                opener = partial(open_region, name=h["source"])
+                readers[h["source"]] = confined(h, "source", opener)
             regions.append(readers[h["source"]].read(*h["region"]))
         results = engine.run(stage, regions, [tuple(h["margins"]) for h in batch])
         for h, result in zip(batch, results):
-            write_region(h["target"], h["core"][0], h["core"][2], result)
+            writer = partial(_write_core, core=h["core"], block=result)
+            confined(h, "target", writer)
 
     try:
         run(headers)
@@ -132,3 +141,23 @@ def run_region_tasks(engine: Any, headers: list[dict[str, Any]]) -> list[Any]:
         except Exception as exc:  # noqa: BLE001 - reported to rank 0 as this task's error
             outcomes.append(exc)
     return outcomes
+
+
+def _write_core(path: str, core: Any, block: Any) -> None:
+    from .regionio import write_region
+
+    write_region(path, core[0], core[2], block)
+
+
+def confined(header: dict[str, Any], key: str, use: Any) -> Any:
+    """``use(path)`` for the header's ``source`` or ``target``; for a job by reference through
+    the checked open file (or folder) instead of the name (see ``datapaths``)."""
+    root, path = header.get("root"), header[key]
+    if not root:
+        return use(path)
+    folder = key == "target"
+    fd = open_beneath(root, os.path.dirname(path) if folder else path, directory=folder)
+    try:
+        return use(fd_path(fd, os.path.basename(path)) if folder else fd_path(fd))
+    finally:
+        os.close(fd)

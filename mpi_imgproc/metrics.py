@@ -187,9 +187,17 @@ def _axis(length: int, tile: int, halo: int) -> tuple[int, int]:
     """(tiles, summed region length) along one axis; regions are clipped to the image."""
     if tile <= 0 or tile >= length:
         return 1, length
-    starts = range(0, length, tile)
-    spans = sum(min(length, a + tile + halo) - max(0, a - halo) for a in starts)
-    return len(starts), spans
+    count = -(-length // tile)
+    # Cores add up to the length; only the first and last few halos are clipped by the border,
+    # so they are summed one by one and the rest are whole (the cost does not grow with the
+    # number of tiles: a hostile 1 x 2**31 image must not stall the planner).
+    whole_top = max(0, count - -(-halo // tile))
+    top = sum(min(halo, i * tile) for i in range(count - whole_top)) + whole_top * halo
+    whole_bottom = min(count, max(0, (length - halo) // tile))
+    bottom = whole_bottom * halo + sum(
+        max(0, min(halo, length - (i + 1) * tile)) for i in range(whole_bottom, count)
+    )
+    return count, length + top + bottom
 
 
 def tile_geometry(work: TiledWork, tile: int) -> tuple[int, int]:

@@ -25,14 +25,15 @@ images.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .imageio import decode, probe
+from .datapaths import fd_path, open_beneath, read_beneath
+from .imageio import decode, probe, read_bytes
 from .metrics import TiledWork, recommend_tile
 from .pipeline import Pipeline
 
@@ -79,13 +80,15 @@ class ImageSource:
     pixels: np.ndarray | None = None
     data: bytes | memoryview | None = None
     path: str | None = None
+    root: str | None = None  # a by-reference file: opened only inside this folder
 
     def encoded(self) -> bytes | memoryview:
-        """The encoded file bytes (read from the file if need be)."""
+        """The encoded file bytes (read from the file if need be; under ``root``, through an
+        open checked to be inside it, see :mod:`mpi_imgproc.datapaths`)."""
         if self.data is not None:
             return self.data
         assert self.path is not None
-        return Path(self.path).read_bytes()
+        return read_beneath(self.root, self.path) if self.root else read_bytes(self.path)
 
     def decode(self) -> np.ndarray:
         """The pixels (decoded if need be)."""
@@ -96,7 +99,13 @@ class ImageSource:
         if self.pixels is not None:
             p = self.pixels
             return p.shape[0], p.shape[1], 1 if p.ndim == 2 else p.shape[2], p.dtype.itemsize
-        return probe(self.data if self.data is not None else self.path)
+        if self.data is not None or not self.root:
+            return probe(self.data if self.data is not None else self.path)
+        fd = open_beneath(self.root, self.path)  # raises PathRefused: the image fails
+        try:
+            return probe(fd_path(fd))
+        finally:
+            os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class RegionReader:
 
     shape: tuple[int, ...]
     dtype: np.dtype
+    name: str = ""
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         raise NotImplementedError
@@ -98,16 +99,18 @@ class TiffReader(RegionReader):
         target[...] = block.reshape(target.shape)
 
 
-def open_region(path: str) -> RegionReader | None:
-    """A region reader for ``path``, or None if its format has no random access here.
+def open_region(path: str, name: str | None = None) -> RegionReader | None:
+    """A region reader for ``path``, or None if its format has no random access here;
+    ``name`` gives the format by its suffix where ``path`` has none (an open file's path).
 
     Raises ImageReadError for a file of a region format that cannot be read.
     """
-    suffix = Path(path).suffix.lower()
+    suffix = Path(name or path).suffix.lower()
     if suffix not in REGION_SUFFIXES:
         return None
     try:
         reader: RegionReader = NpyReader(path) if suffix == ".npy" else TiffReader(path)
+        reader.name = name or path
     except (OSError, ValueError, tifffile.TiffFileError) as exc:
         raise ImageReadError(f"cannot read for regions: {exc}") from None
     shape, dtype = reader.shape, reader.dtype

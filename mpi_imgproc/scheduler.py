@@ -20,14 +20,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial as partial_fn
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import describe, error_code
+from .datapaths import replace_beneath
+from .errors import ImgprocError, describe, error_code
 from .imageio import encode
-from .imagetask import ENCODED, PATH, PIXELS, as_buffer
+from .imagetask import ENCODED, PATH, PIXELS, as_buffer, confined
 from .pipeline import Pipeline, ReduceStage, Stage, TiledStage, ViewStage
 from .planner import (
     DEFAULT_CUTOVER_S,
@@ -138,6 +140,7 @@ class Job:
     output: str = "pixels"
     shared_fs: bool = False
     targets: Callable[[ImageWork], str] | None = None
+    root: str | None = None  # a job by reference: every open is confined to this folder
     state: str = "queued"
     images: list[ImageWork] = field(default_factory=list)
     ready: deque[Task] = field(default_factory=deque)
@@ -348,6 +351,16 @@ class Scheduler:
             except OSError as exc:
                 self._fail_image(image, "image_read_error", f"cannot read: {exc.strerror or exc}")
                 return
+            except ImgprocError as exc:  # the reader names the cause itself
+                self._fail_image(image, exc.code, str(exc))
+                return
+        try:  # from the header, before any planning or decoding is spent on the image
+            shape = image.source.probe()
+            if shape is not None:
+                job.pipeline.check_pixel_limit(shape[:2], self.max_pixels)
+        except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
+            self._fail_image(image, error_code(exc), describe(exc))
+            return
         image.plan = plan_image(
             job.pipeline,
             image.source,
@@ -367,9 +380,6 @@ class Scheduler:
             return
         started = time.perf_counter()
         try:
-            shape = image.source.probe()  # from the file's header: refuse before decoding
-            if shape is not None:
-                job.pipeline.check_pixel_limit(shape[:2], self.max_pixels)
             pixels = image.source.decode()
             job.pipeline.check_pixel_limit(pixels.shape, self.max_pixels)
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
@@ -402,11 +412,18 @@ class Scheduler:
         ):
             return False
         try:
-            reader = open_region(source)
+            reader = confined(
+                {"root": job.root, "source": source}, "source", partial_fn(open_region, name=source)
+            )
             if reader is None:
                 return False
             image.partial = partial_name(target)
-            create_output(image.partial, job.pipeline.output_shape(reader.shape), reader.dtype)
+            shape = job.pipeline.output_shape(reader.shape)
+            confined(
+                {"root": job.root, "target": image.partial},
+                "target",
+                partial_fn(create_output, shape=shape, dtype=reader.dtype),
+            )
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
             self._fail_image(image, error_code(exc), describe(exc))
             return True
@@ -419,7 +436,7 @@ class Scheduler:
         )
         stage_json = json.dumps(stages[0].to_json(), separators=(",", ":"))
         for tile in split_with_halo(height, width, rows, stages[0].halo, full_rows=True):
-            header = {"kind": "region", "stage": stage_json, "source": source}
+            header = {"kind": "region", "stage": stage_json, "source": source, "root": job.root}
             header.update(target=image.partial, region=tile.region, core=tile.core)
             header["margins"] = tile.margins
             self._queue(image, (header, None), tile)
@@ -442,8 +459,10 @@ class Scheduler:
         else:
             try:
                 spec["input"], payload = ENCODED, as_buffer(source.encoded())
-            except OSError:
+            except (OSError, ImgprocError):
                 spec["input"], spec["source"] = PATH, source.path  # the worker will report it
+        if job.root:
+            spec["root"] = job.root
         if job.output == "pixels":
             spec["output"] = PIXELS
         elif job.shared_fs and job.targets is not None:
@@ -531,7 +550,10 @@ class Scheduler:
             image.pending -= 1
             if image.pending == 0:
                 assert job.targets is not None
-                os.replace(image.partial, job.targets(image))
+                if job.root:
+                    replace_beneath(job.root, image.partial, job.targets(image))
+                else:
+                    os.replace(image.partial, job.targets(image))
                 image.partial = None
                 self._image_done(image, ImageResult(written=job.targets(image)))
             else:

@@ -38,7 +38,7 @@ from mpi4py import MPI
 
 from . import __version__, datapaths
 from .errors import ImgprocError, PathRefused, describe, error_code
-from .imageio import output_path, write_atomic
+from .imageio import output_path
 from .local_engines import ENGINES, default_workers, get_engine
 from .mpi_transport import Backoff, run_or_abort
 from .pipeline import Pipeline
@@ -79,7 +79,10 @@ PROGRESS_INTERVAL = 0.05  # seconds between progress messages of one job
 FINISHED_JOBS_KEPT = 1000
 OUTBOX_BLOCK = 16  # replies waiting for one client before its tiles are held back
 OUTBOX_LIMIT = 256  # replies waiting for one client before its direct replies are dropped
+OUTBOX_BLOCK_BYTES = 256 * 2**20  # bytes of replies waiting for one client: tiles held back
+MAX_IMAGES_WAITING = 2 * MAX_IMAGES_PER_REQUEST  # images of one client's unfinished jobs
 RCVHWM = 100  # requests queued per client connection in ZeroMQ before it stops reading
+SNDHWM = 64  # replies ZeroMQ queues per client connection (results can be large)
 # ZeroMQ-level heartbeats: libzmq's I/O thread answers them even while rank 0 computes, so a
 # dead peer (either side) is noticed within the timeout whatever the application is doing.
 ZMTP_HEARTBEAT_MS, ZMTP_TIMEOUT_MS = 2000, 10000
@@ -102,8 +105,9 @@ class Options(argparse.Namespace):
     inline_ms: float
 
 
-def _number(kind: type, minimum: float, strict: bool = False):
-    """An argparse type: a ``kind`` number at least (or, ``strict``, above) ``minimum``."""
+def _number(kind: type, minimum: float, strict: bool = False, maximum: float = float("inf")):
+    """An argparse type: a ``kind`` number at least (or, ``strict``, above) ``minimum``, and
+    at most ``maximum``."""
 
     def parse(text: str) -> Any:
         try:
@@ -117,6 +121,8 @@ def _number(kind: type, minimum: float, strict: bool = False):
             raise argparse.ArgumentTypeError(
                 f"must be {'>' if strict else '>='} {minimum:g}, got {text!r}"
             )
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:g}, got {text!r}")
         return value
 
     return parse
@@ -138,7 +144,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument(
         "--max-request-mb",
-        type=_number(float, 0, strict=True),
+        type=_number(float, 0, strict=True, maximum=2**20),
         default=1024.0,
         help="bytes of image data one submit may declare (MiB)",
     )
@@ -313,7 +319,7 @@ class ClientReplies(JobListener):
         assert job.targets is not None and self.server.root is not None
         target = result.written or job.targets(image)
         if result.written is None:
-            write_atomic(target, result.encoded_as(fmt))
+            datapaths.write_beneath(str(self.server.root), target, result.encoded_as(fmt))
         return datapaths.relative(self.server.root, target)
 
     def image_failed(self, job: Job, image: ImageWork, code: str, message: str) -> None:
@@ -480,6 +486,17 @@ class Server:
             raise ProtocolError(
                 "limit_exceeded", f"{count} images in one request; at most {MAX_IMAGES_PER_REQUEST}"
             )
+        waiting = sum(
+            len(j.images) - j.images_done
+            for j in self.scheduler.jobs.values()
+            if j.active and j.owner == identity
+        )
+        if waiting + count > MAX_IMAGES_WAITING:
+            raise ProtocolError(
+                "limit_exceeded",
+                f"this client has {waiting} images waiting; at most {MAX_IMAGES_WAITING} at a "
+                "time: wait for some jobs to finish",
+            )
         pipeline = Pipeline.from_json(pipeline_json(msg))
         tile = self.options.tile if msg.tile == "auto" else msg.tile
         job_id, token = f"j{secrets.token_urlsafe(16)}", secrets.token_urlsafe(16)
@@ -526,8 +543,12 @@ class Server:
                 "data root) and 'result' png, jpg, tif or same",
             )
         outdir = datapaths.inside(self.root, msg.output, "output")
-        if outdir.exists() and not outdir.is_dir():
-            raise PathRefused(f"output {msg.output!r} is not a folder")
+        try:
+            if outdir.exists() and not outdir.is_dir():
+                raise PathRefused(f"output {msg.output!r} is not a folder")
+            outdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PathRefused(f"output {msg.output!r}: {exc.strerror or exc}") from None
         refused: dict[int, str] = {}
         targets: dict[int, str] = {}
         for i, path in enumerate(msg.paths):
@@ -535,13 +556,14 @@ class Server:
             job.images.append(image)
             try:
                 image.source.path = str(datapaths.input_file(self.root, path))
+                image.source.root = str(self.root)
                 target = output_path(image.source.path, outdir, msg.result)
                 _check_target(path, target, image.source.path, targets, msg.overwrite)
                 targets[i] = str(target)
             except PathRefused as exc:
                 refused[i] = str(exc)
-        outdir.mkdir(parents=True, exist_ok=True)
         job.shared_fs, job.targets = True, lambda image: targets[image.index]
+        job.root = str(self.root)
         return refused
 
     def _on_upload(self, identity: bytes, user: str | None, msg: Upload, data: list) -> None:
@@ -636,8 +658,13 @@ class Server:
         queue.append((job_id, frames))
 
     def backlogged(self, identity: bytes | None) -> bool:
-        """True while a client's replies are piling up (or its connection is gone)."""
-        return identity in self.unreachable or len(self.outbox.get(identity, ())) >= OUTBOX_BLOCK
+        """True while a client's replies are piling up, in count or in bytes (or its connection
+        is gone): its jobs' tiles are held until it reads."""
+        queue = self.outbox.get(identity, ())
+        if identity in self.unreachable or len(queue) >= OUTBOX_BLOCK:
+            return True
+        queued = sum(memoryview(f).nbytes for _, frames in queue for f in frames)
+        return queued >= OUTBOX_BLOCK_BYTES
 
     def _flush(self) -> bool:
         sent = False
@@ -743,7 +770,7 @@ def open_front(options: Options) -> Front | str:
     front = Front(ctx, sock)
     try:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.SNDHWM, SNDHWM)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         # A frame larger than any valid one closes the sender's connection before libzmq
         # allocates it.  (Frames of one multipart message are all buffered before the first is
@@ -792,6 +819,9 @@ def run_rank0(comm: MPI.Comm, options: Options, front: Front) -> None:
     from .backends import LocalBackend
 
     size = comm.Get_size()
+    early: list[int] = []  # a stop before the loop starts is kept for it, not lost
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: early.append(signum))
     try:
         backend, per_rank, hosts, engines = make_backend(comm, options)
         host_counts: dict[str, int] = {}
@@ -833,7 +863,9 @@ def run_rank0(comm: MPI.Comm, options: Options, front: Front) -> None:
         scheduler = Scheduler(
             backend, options.max_pixels, options.cutover_ms / 1e3, local, options.inline_ms / 1e3
         )
-        Server(front.sock, scheduler, options, info).serve_forever()
+        server = Server(front.sock, scheduler, options, info)
+        server.stopping = bool(early)
+        server.serve_forever()
     finally:
         front.close()
     print("mpi_imgproc server stopped", flush=True)

@@ -180,3 +180,73 @@ def test_region_formats_are_read_and_written_by_regions_exactly(root, dealer, re
         assert np.array_equal(written, expected), name
     assert np.array_equal(np.load(root / out / "raw.npy"), expected)
     assert not [f for f in os.listdir(root / out) if ".part" in f]
+
+
+def _submit_quietly(sock, **submit) -> dict:
+    header = {"v": 2, "type": "submit", "result": "png", **submit}
+    sock.send_multipart([json.dumps(header).encode()])
+    assert sock.poll(20000)
+    return json.loads(sock.recv_multipart()[0])
+
+
+def _rest(sock) -> list[tuple[dict, list]]:
+    messages: list[tuple[dict, list]] = []
+    while not messages or messages[-1][0]["type"] != "done":
+        assert sock.poll(60000), "no reply"
+        head, *frames = sock.recv_multipart()
+        messages.append((json.loads(head), frames))
+    return messages
+
+
+@pytest.mark.parametrize("tile", [0, 64])
+def test_a_symlink_or_fifo_swapped_in_after_the_check_is_refused(root, dealer, tmp_path, tile):
+    """Paths are checked at submit and used later: every open is checked again."""
+    busy = root / "busy"
+    write_images(busy, 4, size=(900, 900))
+    outside = tmp_path / "secret.png"
+    cv2.imwrite(str(outside), np.full((9, 9), 200, np.uint8))
+    victims = [root / "in" / f"swap{tile}-{i}.png" for i in range(2)]
+    for victim in victims:
+        cv2.imwrite(str(victim), np.zeros((20, 20), np.uint8))
+    paths = [f"busy/img00{i}.png" for i in range(4)] + [str(v) for v in victims]
+    accepted = _submit_quietly(
+        dealer,
+        pipeline=["bilateral:d=15"],
+        paths=paths,
+        output=f"swapped{tile}",
+        tile=tile,
+        overwrite=True,
+    )
+    assert accepted["type"] == "accepted"
+    victims[0].unlink()
+    victims[0].symlink_to(outside)  # now a link out of the root
+    victims[1].unlink()
+    os.mkfifo(victims[1])  # now a FIFO that would block a reader
+    messages = _rest(dealer)
+    errors = {h["index"]: h for h, _ in messages if h["type"] == "image_error"}
+    assert set(errors) == {4, 5}, errors
+    assert all(e["code"] == "path_refused" for e in errors.values())
+    assert not (root / f"swapped{tile}" / f"swap{tile}-0.png").exists()
+
+
+def test_an_output_folder_swapped_for_a_link_out_of_the_root_gets_nothing(root, dealer, tmp_path):
+    busy = root / "busy2"
+    write_images(busy, 5, size=(900, 900))
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    accepted = _submit_quietly(
+        dealer,
+        pipeline=["bilateral:d=15"],
+        output="moved",
+        paths=[f"busy2/img00{i}.png" for i in range(5)],
+        tile=0,
+    )
+    assert accepted["type"] == "accepted"
+    (root / "moved").rename(root / "moved.orig")
+    (root / "moved").symlink_to(outside)
+    messages = _rest(dealer)
+    assert not list(outside.iterdir())
+    results = [h for h, _ in messages if h["type"] == "result"]
+    errors = [h for h, _ in messages if h["type"] == "image_error"]
+    assert len(results) + len(errors) == 5 and errors
+    assert all(e["code"] == "path_refused" for e in errors)
