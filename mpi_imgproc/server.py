@@ -521,6 +521,18 @@ class Server:
                 f"request of {size} bytes is over the limit of {self.max_request} bytes "
                 "(--max-request-mb)",
             )
+        held = sum(  # declared by this client's jobs that are still uploading
+            sum(d.size for d in self.uploads[j.id])
+            for j in self.scheduler.jobs.values()
+            if j.owner == job.owner and j.id in self.uploads
+        )
+        if held + size > 2 * self.max_request:
+            raise ProtocolError(
+                "limit_exceeded",
+                f"this client's jobs still uploading declare {held} bytes; with {size} more "
+                f"that is over {2 * self.max_request} (twice --max-request-mb): finish those "
+                "uploads first",
+            )
         job.images = [
             ImageWork(job, i, ImageSource(d.name or f"image{i}"), uploaded=False)
             for i, d in enumerate(msg.images)

@@ -385,3 +385,17 @@ def _wait_until_a_worker_computes(cluster) -> None:
         if max(p.cpu_percent() for p in workers) > 25:
             return
     raise AssertionError("no worker started computing")
+
+
+def test_declared_but_never_uploaded_data_is_bounded_per_client(cluster, dealer):
+    before = rank0(cluster).memory_info().rss
+    codes = []
+    for i in range(4):  # 8 MiB limit: two jobs of 7 MiB may wait, the third is refused
+        desc = {"name": f"i{i}", "size": 7 * 2**20}
+        codes.append(ask(dealer, {"type": "submit", "pipeline": ["invert"], "images": [desc]}))
+    assert [c["type"] for c in codes] == ["accepted", "accepted", "error", "error"]
+    assert "finish those uploads first" in codes[2]["message"]
+    assert rank0(cluster).memory_info().rss - before < 50 * 2**20
+    for accepted in codes[:2]:  # the first reply is the job's done, then the cancelled
+        ticket = {"job": accepted["job"], "token": accepted["token"]}
+        assert ask(dealer, {"type": "cancel", **ticket})["type"] in ("done", "cancelled")
