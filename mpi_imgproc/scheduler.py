@@ -46,7 +46,7 @@ from .tiling import Merger, Tile, split_with_halo
 # Where a job's time goes, summed over its images and tasks (seconds).  Rank 0 measures decode
 # (of tiled images), split, send, receive and merge; workers report compute, and the decode and
 # encode they do for whole images; the front adds its own encode.
-REGION_TASK_BYTES = 16 * 2**20  # input bytes per region task: a strip a worker reads at once
+REGION_TASK_BYTES = 4 * 2**20  # input bytes per region task: float kernels (sobel) need ~30x
 TIMED_STAGES = ("decode", "split", "send", "compute", "receive", "merge", "encode")
 
 
