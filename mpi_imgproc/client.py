@@ -987,6 +987,29 @@ class Client:
         header, _ = self._reply(req, "submit")
         return self._handle(self._core.take_job(header))
 
+    def submit_paths(
+        self,
+        paths: Sequence[str | Path],
+        pipeline: Pipeline | Sequence[str] | list[dict],
+        output: str | Path,
+        result: str = "same",
+        overwrite: bool = False,
+        tile: int | str = "auto",
+        progress: bool = True,
+    ) -> Job:
+        """A job by reference: ``paths`` are files the server reads itself (under its
+        ``--data-root``; absolute, or relative to it), and the results are written into
+        ``output`` there; each ``result`` event names the file written (``written``), with no
+        pixels.  Nothing but the request crosses the connection."""
+        steps = as_pipeline(pipeline).to_json()
+        names = [Path(p).name for p in paths]
+        sub = Submission(steps, [{"name": n, "size": 0} for n in names], [])  # no uploads
+        fields = {"pipeline": steps, "paths": [str(p) for p in paths], "output": str(output)}
+        fields.update(result=result, overwrite=overwrite, tile=tile)
+        req = self._core.request("submit", submission=sub, progress=progress, **fields)
+        header, _ = self._reply(req, "submit")
+        return self._handle(self._core.take_job(header))
+
     def attach(self, job_id: str, token: str, names: Sequence[str] = ()) -> Job:
         """Take over a job submitted through another connection (after a reconnect or a
         restart of this program): its undelivered messages come here from now on."""

@@ -18,7 +18,7 @@ from .client import DEFAULT_ADDRESS, Client, Event, Job, MapItem, MapStream
 from .errors import ImgprocError, describe
 from .imageio import encode, expand_inputs, write_atomic
 from .pipeline import Pipeline
-from .protocol import tile_arg
+from .protocol import MAX_IMAGES_PER_REQUEST, tile_arg
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -214,6 +214,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         report.say(f"skipped {skipped} inputs whose output exists (--skip-existing)")
     started = time.perf_counter()
     interrupted = False
+    if args.by_reference:
+        return submit_by_reference(args, pipeline, report, skipped)
     with _client(args) as client:
         batch = None
         if args.files:
@@ -227,6 +229,37 @@ def cmd_submit(args: argparse.Namespace) -> int:
     stats = submit_stats(batch, len(args.files), skipped, time.perf_counter() - started)
     stats["interrupted"] = interrupted
     return finish_submit(args, report, batch, stats, interrupted)
+
+
+def submit_by_reference(
+    args: argparse.Namespace, pipeline: Pipeline, report: SubmitReport, skipped: int
+) -> int:
+    """Name the files to the server instead of sending them: it reads them from its
+    ``--data-root`` (the same file system as here) and its workers write the results into
+    ``-o`` there.  Jobs of at most 10,000 paths, one after the other."""
+    files, written, failed = args.files, 0, 0
+    bar = tqdm(total=len(files), unit="img", disable=args.quiet or args.json, leave=False)
+    output = os.path.abspath(args.output)
+    with _client(args) as client:
+        for start in range(0, len(files), MAX_IMAGES_PER_REQUEST):
+            chunk = files[start : start + MAX_IMAGES_PER_REQUEST]
+            paths = [os.path.abspath(f) for f in chunk]
+            job = client.submit_paths(paths, pipeline, output, result=args.format,
+                                      overwrite=args.overwrite, tile=args.tile)  # fmt: skip
+            report.accepted(job.id, job.token, chunk)
+            for event in job.events(timeout=args.timeout):
+                index = event.header.get("index")
+                if event.type == "result":
+                    written += 1
+                    report.result(job.id, chunk[index], event.header["written"], "by reference")
+                elif event.type == "image_error":
+                    failed += 1
+                    report.image_error(job.id, chunk[index], event.header["message"])
+                bar.update(event.type in ("result", "image_error"))
+    bar.close()
+    out = sys.stderr if args.json else sys.stdout
+    print(f"{written} of {len(files) + skipped} images written to {args.output}", file=out)
+    return 0 if failed == 0 and written == len(files) else 1
 
 
 def inputs_to_write(
@@ -418,6 +451,12 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     )
     submit.add_argument("--stats-json", metavar="FILE", help="save every job's timings as JSON")
     submit.add_argument("--json", action="store_true", help="JSON lines of events on stdout")
+    submit.add_argument(
+        "--by-reference",
+        action="store_true",
+        help="send the paths, not the files: the server (--data-root) and its workers read "
+        "and write them on a shared file system",
+    )
     existing = submit.add_mutually_exclusive_group()
     existing.add_argument(
         "--overwrite", action="store_true", help="replace outputs that exist (default: refuse)"

@@ -250,3 +250,35 @@ def test_an_output_folder_swapped_for_a_link_out_of_the_root_gets_nothing(root, 
     errors = [h for h, _ in messages if h["type"] == "image_error"]
     assert len(results) + len(errors) == 5 and errors
     assert all(e["code"] == "path_refused" for e in errors)
+
+
+def test_cli_submit_by_reference_names_files_and_the_workers_write_them(root, server, tmp_path):
+    import sys
+
+    outside = tmp_path / "outside.png"
+    cv2.imwrite(str(outside), np.zeros((8, 8), np.uint8))
+    inputs = [str(root / "in" / "img000.png"), str(root / "in" / "img001.png"), str(outside)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpi_imgproc.cli",
+        "submit",
+        "--by-reference",
+        *inputs,
+        "-o",
+        str(root / "cli-out"),
+        "--op",
+        "invert",
+        "--server",
+        server.address,
+        "-q",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 1, done.stderr  # the outside file fails, alone
+    assert "outside the server's data root" in done.stderr
+    assert "2 of 3 images written" in done.stdout
+    for name in ("img000.png", "img001.png"):
+        source = cv2.imread(str(root / "in" / name), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(
+            cv2.imread(str(root / "cli-out" / name), cv2.IMREAD_UNCHANGED), 255 - source
+        )
