@@ -11,7 +11,6 @@ contains their full halo).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import tempfile
 import threading
@@ -21,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import tifffile
-import zmq
 
+from mpi_imgproc.client import Client
 from mpi_imgproc.launch import running_cluster
 from mpi_imgproc.pipeline import Pipeline
 
@@ -86,28 +85,13 @@ class PeakRss:
 
 
 def by_reference(address: str) -> float:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(address)
-    started = time.perf_counter()
-    sock.send_json(
-        {
-            "v": 2,
-            "type": "submit",
-            "pipeline": OPS,
-            "paths": ["in.tif"],
-            "output": "out",
-            "result": "same",
-            "overwrite": True,
-        }
-    )
-    while True:
-        assert sock.poll(1_800_000), "no reply"
-        reply = json.loads(sock.recv_multipart()[0])
-        if reply["type"] in ("error", "image_error"):
-            raise RuntimeError(reply["message"])
-        if reply["type"] == "done":
-            break
-    sock.close(linger=0)
+    """Seconds from the submit to its ``done``."""
+    with Client(address, timeout=60) as client:
+        started = time.perf_counter()
+        job = client.submit_paths(["in.tif"], OPS, "out", overwrite=True)
+        result = job.result(timeout=1800)
+    if result.state != "done" or result.errors:
+        raise RuntimeError(f"job {result.state}: {result.message or result.errors}")
     return time.perf_counter() - started
 
 

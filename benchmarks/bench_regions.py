@@ -14,7 +14,6 @@ Run: ``python benchmarks/bench_regions.py [--size 8000] [--ranks 3] [--repeat 3]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -23,28 +22,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import tifffile
-import zmq
 
+from mpi_imgproc.client import Client
 from mpi_imgproc.launch import running_cluster
 
 OPS = ["gaussian_blur:ksize=9"]
 
 
 def by_reference(address: str, path: str, output: str) -> float:
-    """Seconds from the submit to its ``done``, with raw pyzmq (the protocol, nothing else)."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.connect(address)
-    started = time.perf_counter()
-    header = {"v": 2, "type": "submit", "pipeline": OPS, "paths": [path], "output": output}
-    sock.send_json({**header, "result": "same", "overwrite": True})
-    while True:
-        assert sock.poll(300_000), "no reply"
-        reply = json.loads(sock.recv_multipart()[0])
-        if reply["type"] in ("error", "image_error"):
-            raise RuntimeError(reply["message"])
-        if reply["type"] == "done":
-            break
-    sock.close(linger=0)
+    """Seconds from the submit to its ``done``."""
+    with Client(address, timeout=60) as client:
+        started = time.perf_counter()
+        result = client.submit_paths([path], OPS, output, overwrite=True).result(timeout=600)
+    if result.state != "done" or result.errors:
+        raise RuntimeError(f"job {result.state}: {result.message or result.errors}")
     return time.perf_counter() - started
 
 

@@ -139,6 +139,7 @@ class JobResult:
     errors: dict[int, tuple[str, str]]
     stats: dict[str, Any]
     message: str | None = None
+    written: dict[int, str] = field(default_factory=dict)  # by reference: the files written
 
     @property
     def ok(self) -> bool:
@@ -278,10 +279,12 @@ class JobRecord:
         if header.get("state") == "done":
             errors.update((i, ("lost", LOST_MESSAGE)) for i in self.unfinished())
         results = [self.results.get(i) for i in range(len(self.names))]
-        images = [event.image() if event else None for event in results]
-        return JobResult(
-            self.id, header["state"], images, errors, header.get("stats", {}), header.get("message")
-        )
+        images = [event.image() if event and event.frames else None for event in results]
+        written = {
+            i: e.header["written"] for i, e in enumerate(results) if e and e.header.get("written")
+        }
+        stats, message = header.get("stats", {}), header.get("message")
+        return JobResult(self.id, header["state"], images, errors, stats, message, written)
 
 
 class Connection:

@@ -282,3 +282,13 @@ def test_cli_submit_by_reference_names_files_and_the_workers_write_them(root, se
         assert np.array_equal(
             cv2.imread(str(root / "cli-out" / name), cv2.IMREAD_UNCHANGED), 255 - source
         )
+
+
+def test_the_python_client_submits_by_reference_and_names_what_was_written(root, server):
+    from mpi_imgproc.client import Client
+
+    with Client(server.address, timeout=20) as client:
+        job = client.submit_paths(["in/img000.png", "in/img002.png"], ["invert"], "py-out")
+        result = job.result(timeout=60)
+    assert result.ok and result.images == [None, None]
+    assert result.written == {0: "py-out/img000.png", 1: "py-out/img002.png"}
