@@ -39,7 +39,7 @@ from mpi4py import MPI
 from . import __version__, datapaths
 from .errors import ImgprocError, PathRefused, describe, error_code
 from .imageio import output_path
-from .local_engines import ENGINES, default_workers, get_engine
+from .local_engines import ENGINES, check_engine, default_workers, get_engine
 from .mpi_transport import Backoff, run_or_abort
 from .pipeline import Pipeline
 from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, MAX_TILES_PER_IMAGE, ImageSource
@@ -897,6 +897,23 @@ def run_worker(comm: MPI.Comm, options: Options) -> None:
         engine.close()
 
 
+def _first_problem(comm: MPI.Comm, front: Front | str | None, options: Options) -> str | None:
+    """Why the cluster cannot start, agreed by every rank: rank 0's endpoint, or an engine
+    that cannot run on some rank (each node has its own devices).  Collective."""
+    runs_engine = comm.Get_rank() > 0 or comm.Get_size() == 1
+    local = None
+    if runs_engine:
+        try:
+            check_engine(options.engine)
+        except ImgprocError as exc:
+            local = f"rank {comm.Get_rank()} ({socket.gethostname()}): {exc}"
+    found = comm.gather(local, root=0)
+    if comm.Get_rank() == 0:
+        endpoint = front if isinstance(front, str) else None
+        local = endpoint or next((p for p in found if p), None)
+    return comm.bcast(local, root=0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of every rank; any unhandled error aborts the whole MPI job.
 
@@ -911,9 +928,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with quiet:  # every rank parses the same line; rank 0 alone says what is wrong
             options = parse_args(argv)
         front = open_front(options) if rank == 0 else None
-        problem = comm.bcast(front if isinstance(front, str) else None, root=0)
+        problem = _first_problem(comm, front, options)
         if problem:
             if rank == 0:
+                if isinstance(front, Front):
+                    front.close()
                 print(f"mpi_imgproc server: {problem}", file=sys.stderr, flush=True)
             return 2
         if rank == 0:

@@ -40,4 +40,13 @@ def get_engine(name: str, workers: int | None = None) -> Engine:
     raise InvalidParameter(f"engine must be one of {', '.join(ENGINES)}; got {name!r}")
 
 
-__all__ = ["ENGINES", "Engine", "default_workers", "get_engine", "process_tile"]
+def check_engine(name: str) -> None:
+    """Raise EngineUnavailable if the engine called ``name`` cannot run here (CuPy or a CUDA
+    device missing for ``gpu``), without creating it: a cluster checks before it starts."""
+    if name == "gpu":
+        from .gpu import _load_cupy
+
+        _load_cupy()
+
+
+__all__ = ["ENGINES", "Engine", "check_engine", "default_workers", "get_engine", "process_tile"]
