@@ -6,7 +6,7 @@
 ...         print(event.type, event.header)
 ...     result = await job.result(timeout=60)
 
-The socket, heartbeats and reconnects live on the :class:`~mpi_imgproc.client.Connection`'s
+The socket, heartbeats and reconnects live on the :class:`~mpi_imgproc.connection.Connection`'s
 I/O thread; a coroutine here only queues messages and awaits an ``asyncio.Event`` that thread
 sets, so the event loop never blocks on ZeroMQ (reading files and decoding images run in
 ``asyncio.to_thread``).  Errors are those of :mod:`mpi_imgproc.client`.
