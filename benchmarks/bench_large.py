@@ -11,7 +11,6 @@ contains their full halo).
 from __future__ import annotations
 
 import argparse
-import re
 import tempfile
 import threading
 import time
@@ -54,11 +53,7 @@ class PeakRss:
     """Samples the RSS of every rank of a cluster every 50 ms; keeps each one's peak."""
 
     def __init__(self, cluster, server_pid: int):
-        self.ranks = [
-            p
-            for p in psutil.Process(cluster.proc.pid).children(recursive=True)
-            if "mpi_imgproc.server" in " ".join(p.cmdline())
-        ]
+        self.ranks = cluster.ranks()
         self.server_pid = server_pid
         self.peak = {p.pid: 0 for p in self.ranks}
         self.running = True
@@ -122,8 +117,7 @@ def main() -> None:
         root = Path(folder)
         write_input(root / "in.tif", args.size)
         with running_cluster(args.ranks, "--data-root", str(root)) as cluster:
-            pid = int(re.search(r"pid (\d+)", cluster.drain()).group(1))
-            peaks = PeakRss(cluster, pid)
+            peaks = PeakRss(cluster, cluster.rank0_pid)
             seconds = by_reference(cluster.address)
             rss = peaks.stop()
         checked = check(root, args.size, args.check_max)

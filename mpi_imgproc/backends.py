@@ -65,7 +65,6 @@ class MPIBackend(Backend):
         self.assigned: dict[int, int] = {}  # task id -> rank
         self.sending: list[tuple[int, list[MPI.Request], tuple]] = []  # rank, requests, buffers
         self.pinging: dict[int, float] = {}  # rank -> deadline for its pong
-        self.dead: list[int] = []
         self.abandoned: list = []  # requests to dead ranks: never complete, never waited for
 
     def free_slots(self) -> int:
@@ -153,7 +152,6 @@ class MPIBackend(Backend):
 
     def _bury(self, rank: int) -> list[Completion]:
         del self.pinging[rank], self.load[rank]
-        self.dead.append(rank)
         self.workers = len(self.load)
         tasks = [t for t, r in self.assigned.items() if r == rank]
         for task_id in tasks:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from .errors import PathRefused
 
@@ -84,6 +85,20 @@ def open_beneath(root: str, path: str, directory: bool = False) -> int:
 def fd_path(fd: int, name: str = "") -> str:
     """The path that names an open file (or, with ``name``, an entry of an open folder)."""
     return f"/proc/self/fd/{fd}" + (f"/{name}" if name else "")
+
+
+def use_beneath(root: str | None, path: str, use: Any, entry: bool = False) -> Any:
+    """``use(path)`` for a reader or writer that takes only paths; under ``root`` it is given
+    the checked open file instead (with ``entry``, ``path`` is a new file of a checked folder).
+    Without a root (batch mode's plain paths) ``path`` is used as it is."""
+    if not root:
+        return use(path)
+    folder, name = os.path.split(path)
+    fd = open_beneath(root, folder if entry else path, directory=entry)
+    try:
+        return use(fd_path(fd, name) if entry else fd_path(fd))
+    finally:
+        os.close(fd)
 
 
 def read_beneath(root: str, path: str) -> bytes:

@@ -16,7 +16,6 @@ raw pixels are checked, with every op's output size, before the pipeline runs.
 
 from __future__ import annotations
 
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .datapaths import fd_path, open_beneath, read_beneath, write_beneath
+from .datapaths import read_beneath, use_beneath, write_beneath
 from .imageio import decode, encode, probe, read_bytes, write_atomic
 from .pipeline import Pipeline
 from .pipeline import check_pixel_limit as _check_pixels
@@ -121,12 +120,12 @@ def run_region_tasks(engine: Any, headers: list[dict[str, Any]]) -> list[Any]:
         for h in batch:
             if h["source"] not in readers:
                 opener = partial(open_region, name=h["source"])
-                readers[h["source"]] = confined(h, "source", opener)
+                readers[h["source"]] = use_beneath(h.get("root"), h["source"], opener)
             regions.append(readers[h["source"]].read(*h["region"]))
         results = engine.run(stage, regions, [tuple(h["margins"]) for h in batch])
         for h, result in zip(batch, results):
             writer = partial(_write_core, core=h["core"], block=result)
-            confined(h, "target", writer)
+            use_beneath(h.get("root"), h["target"], writer, entry=True)
 
     try:
         run(headers)
@@ -147,17 +146,3 @@ def _write_core(path: str, core: Any, block: Any) -> None:
     from .regionio import write_region
 
     write_region(path, core[0], core[2], block)
-
-
-def confined(header: dict[str, Any], key: str, use: Any) -> Any:
-    """``use(path)`` for the header's ``source`` or ``target``; for a job by reference through
-    the checked open file (or folder) instead of the name (see ``datapaths``)."""
-    root, path = header.get("root"), header[key]
-    if not root:
-        return use(path)
-    folder = key == "target"
-    fd = open_beneath(root, os.path.dirname(path) if folder else path, directory=folder)
-    try:
-        return use(fd_path(fd, os.path.basename(path)) if folder else fd_path(fd))
-    finally:
-        os.close(fd)

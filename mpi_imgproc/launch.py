@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import psutil
 
 STARTUP_TIMEOUT = 60.0
 
@@ -84,6 +87,24 @@ class Cluster:
             if line is None:
                 return "".join(self.output)
             self.output.append(line)
+
+    @property
+    def rank0_pid(self) -> int:
+        """Rank 0's process id, from the server's announcement."""
+        return int(re.search(r"; pid (\d+)", self.drain()).group(1))
+
+    def ranks(self) -> list[psutil.Process]:
+        """Every rank's process (not mpiexec, Hydra's proxies or launch wrappers)."""
+        return [
+            p
+            for p in psutil.Process(self.proc.pid).children(recursive=True)
+            if p.name().startswith("python") and "mpi_imgproc.server" in " ".join(p.cmdline())
+        ]
+
+    def workers(self) -> list[psutil.Process]:
+        """The worker ranks' processes (every rank but 0)."""
+        rank0 = self.rank0_pid
+        return [p for p in self.ranks() if p.pid != rank0]
 
     def terminate(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         """Send ``sig`` to mpiexec and wait; returns its exit code."""

@@ -25,14 +25,13 @@ images.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from .datapaths import fd_path, open_beneath, read_beneath
+from .datapaths import read_beneath, use_beneath
 from .imageio import decode, probe, read_bytes
 from .metrics import TiledWork, recommend_tile
 from .pipeline import Pipeline
@@ -81,6 +80,7 @@ class ImageSource:
     data: bytes | memoryview | None = None
     path: str | None = None
     root: str | None = None  # a by-reference file: opened only inside this folder
+    probed: tuple[Any, ...] | None = field(default=None, repr=False)  # (probe(),) once known
 
     def encoded(self) -> bytes | memoryview:
         """The encoded file bytes (read from the file if need be; under ``root``, through an
@@ -95,17 +95,17 @@ class ImageSource:
         return self.pixels if self.pixels is not None else decode(self.encoded())
 
     def probe(self) -> tuple[int, int, int, int] | None:
-        """(height, width, channels, bytes per value) without decoding; None if unknown."""
+        """(height, width, channels, bytes per value) without decoding; None if unknown.
+
+        Read once: the pixel-limit check and the planner both ask, and a file's header is
+        opened only the first time."""
         if self.pixels is not None:
             p = self.pixels
             return p.shape[0], p.shape[1], 1 if p.ndim == 2 else p.shape[2], p.dtype.itemsize
-        if self.data is not None or not self.root:
-            return probe(self.data if self.data is not None else self.path)
-        fd = open_beneath(self.root, self.path)  # raises PathRefused: the image fails
-        try:
-            return probe(fd_path(fd))
-        finally:
-            os.close(fd)
+        if self.probed is None:
+            self.probed = (use_beneath(self.root, self.path, probe) if self.data is None
+                           else probe(self.data),)  # fmt: skip
+        return self.probed[0]
 
 
 @dataclass(frozen=True)

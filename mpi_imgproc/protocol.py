@@ -277,13 +277,19 @@ class Error(Reply, tag="error"):
     job: str | None = None
 
 
-class StatusReply(Reply, tag="status"):
+class JobSummary(Reply):
+    """A job's counts and state: the ``status`` and ``attached`` replies."""
+
     job: str
     state: str
     images_done: int
     images_total: int
     tiles_done: int
     tiles_total: int
+
+
+class StatusReply(JobSummary, tag="status"):
+    pass
 
 
 class Cancelled(Reply, tag="cancelled"):
@@ -291,13 +297,8 @@ class Cancelled(Reply, tag="cancelled"):
     state: str
 
 
-class Attached(Reply, tag="attached"):
-    job: str
-    state: str
-    images_done: int
-    images_total: int
-    tiles_done: int
-    tiles_total: int
+class Attached(JobSummary, tag="attached"):
+    pass
 
 
 class InfoReply(Reply, tag="info"):

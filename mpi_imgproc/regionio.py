@@ -38,7 +38,6 @@ class RegionReader:
 
     shape: tuple[int, ...]
     dtype: np.dtype
-    name: str = ""
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         raise NotImplementedError
@@ -110,7 +109,6 @@ def open_region(path: str, name: str | None = None) -> RegionReader | None:
         return None
     try:
         reader: RegionReader = NpyReader(path) if suffix == ".npy" else TiffReader(path)
-        reader.name = name or path
     except (OSError, ValueError, tifffile.TiffFileError) as exc:
         raise ImageReadError(f"cannot read for regions: {exc}") from None
     shape, dtype = reader.shape, reader.dtype

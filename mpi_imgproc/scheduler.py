@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from .datapaths import replace_beneath
+from .datapaths import replace_beneath, use_beneath
 from .errors import ImgprocError, describe, error_code
 from .imageio import encode
-from .imagetask import ENCODED, PATH, PIXELS, as_buffer, confined
+from .imagetask import ENCODED, PATH, PIXELS, as_buffer
 from .pipeline import Pipeline, ReduceStage, Stage, TiledStage, ViewStage
 from .planner import (
     DEFAULT_CUTOVER_S,
@@ -412,18 +412,13 @@ class Scheduler:
         ):
             return False
         try:
-            reader = confined(
-                {"root": job.root, "source": source}, "source", partial_fn(open_region, name=source)
-            )
+            reader = use_beneath(job.root, source, partial_fn(open_region, name=source))
             if reader is None:
                 return False
             image.partial = partial_name(target)
             shape = job.pipeline.output_shape(reader.shape)
-            confined(
-                {"root": job.root, "target": image.partial},
-                "target",
-                partial_fn(create_output, shape=shape, dtype=reader.dtype),
-            )
+            create = partial_fn(create_output, shape=shape, dtype=reader.dtype)
+            use_beneath(job.root, image.partial, create, entry=True)
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
             self._fail_image(image, error_code(exc), describe(exc))
             return True

@@ -366,7 +366,6 @@ class Server:
         self.uploads: dict[str, list[ImageDesc]] = {}  # declared images of jobs still uploading
         self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.root = datapaths.data_root(options.data_root) if options.data_root else None
-        self.dropped_replies = 0
         self.stopping = False
 
     # -- the loop --------------------------------------------------------------------------
@@ -665,7 +664,6 @@ class Server:
             return
         queue = self.outbox.setdefault(identity, deque())
         if job_id is None and len(queue) >= OUTBOX_LIMIT:
-            self.dropped_replies += 1
             return
         queue.append((job_id, frames))
 

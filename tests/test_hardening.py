@@ -44,7 +44,7 @@ def dealer(cluster):
 
 
 def rank0(cluster) -> psutil.Process:
-    return psutil.Process(int(re.search(r"pid (\d+)", cluster.drain()).group(1)))
+    return psutil.Process(cluster.rank0_pid)
 
 
 def ask(sock, header: dict, *frames: bytes, timeout_ms: int = 10000) -> dict:
@@ -163,11 +163,7 @@ def test_pixels_are_limited_from_the_header_before_decoding(tmp_path):
     path = tmp_path / "huge.png"
     Image.new("1", (30000, 30000)).save(path)  # a few hundred KB, 900 megapixels
     with running_cluster(2, "--max-pixels", "400000000") as cluster:
-        ranks = [
-            p
-            for p in psutil.Process(cluster.proc.pid).children(recursive=True)
-            if "mpi_imgproc.server" in " ".join(p.cmdline())
-        ]
+        ranks = cluster.ranks()
         before = {p.pid: p.memory_info().rss for p in ranks}
         with Client(cluster.address, timeout=10) as client:
             for tile in (0, 512):
@@ -181,11 +177,7 @@ def test_pixels_are_limited_from_the_header_before_decoding(tmp_path):
 def test_an_op_whose_output_is_over_the_pixel_limit_fails_before_it_runs(cluster):
     """resize to 100000x100000 would be 10^10 pixels (30 GB): refused, nothing allocated."""
     image = random_image(np.random.default_rng(3), 100, 100, 3)
-    ranks = [
-        p
-        for p in psutil.Process(cluster.proc.pid).children(recursive=True)
-        if "mpi_imgproc.server" in " ".join(p.cmdline())
-    ]
+    ranks = cluster.ranks()
     before = {p.pid: p.memory_info().rss for p in ranks}
     with Client(cluster.address, timeout=10) as client:
         for tile in (0, 16):
@@ -251,9 +243,8 @@ def test_a_dead_cluster_ends_a_waiting_result_with_server_gone():
     with running_cluster(3) as dying, Client(dying.address) as client:
         job = client.submit([image] * 4, ["bilateral:d=15"], tile=0)
         time.sleep(1.0)
-        for proc in psutil.Process(dying.proc.pid).children(recursive=True):
-            if "mpi_imgproc.server" in " ".join(proc.cmdline()):
-                proc.kill()  # every rank: the cluster is gone
+        for proc in dying.ranks():
+            proc.kill()  # every rank: the cluster is gone
         started = time.monotonic()
         with pytest.raises(ServerGone):
             job.result()  # no timeout given: the client still must not wait forever
@@ -323,29 +314,12 @@ def test_a_dead_worker_rank_reaches_the_client_as_server_gone_in_bounded_time():
     with running_cluster(3) as dying, Client(dying.address) as client:
         job = client.submit([image] * 4, ["bilateral:d=15"], tile=0)
         time.sleep(1.0)
-        server_pid = int(re.search(r"pid (\d+)", dying.drain()).group(1))
-        workers = [
-            p
-            for p in psutil.Process(dying.proc.pid).children(recursive=True)
-            if "mpi_imgproc.server" in " ".join(p.cmdline()) and p.pid != server_pid
-        ]
-        workers[0].kill()
+        dying.workers()[0].kill()
         started = time.monotonic()
         with pytest.raises(ServerGone):
             job.result()
         assert time.monotonic() - started < 15
         assert dying.proc.wait(timeout=15) != 0
-
-
-def _workers(cluster) -> list[psutil.Process]:
-    server_pid = int(re.search(r"pid (\d+)", cluster.drain()).group(1))
-    return [
-        p
-        for p in psutil.Process(cluster.proc.pid).children(recursive=True)
-        if p.name().startswith("python")
-        and "mpi_imgproc.server" in " ".join(p.cmdline())
-        and p.pid != server_pid
-    ]
 
 
 @pytest.mark.parametrize("tile", [0, 200])
@@ -356,7 +330,7 @@ def test_a_worker_that_dies_has_its_tasks_run_by_the_others(tile):
     with running_cluster(4, survive=True) as cluster, Client(cluster.address) as client:
         job = client.submit(images, ["bilateral:d=15"], tile=tile)
         _wait_until_a_worker_computes(cluster)
-        _workers(cluster)[0].kill()
+        cluster.workers()[0].kill()
         result = job.result(timeout=120)
         assert result.state == "done" and not result.errors, result.errors
         for image, out in zip(images, result.images):
@@ -376,7 +350,7 @@ def test_a_worker_that_dies_has_its_tasks_run_by_the_others(tile):
 
 
 def _wait_until_a_worker_computes(cluster) -> None:
-    workers = _workers(cluster)
+    workers = cluster.workers()
     for p in workers:
         p.cpu_percent()
     deadline = time.monotonic() + 20
