@@ -3,7 +3,8 @@
 Sub-commands: ``ops`` (list ops), ``run`` (the local reference, in this process), the cluster
 client commands of :mod:`mpi_imgproc.client_cli` (``submit``, ``status``, ``cancel``, ``info``,
 ``keys``), ``gen-dataset`` (:mod:`mpi_imgproc.dataset`), ``verify``
-(:mod:`mpi_imgproc.verify`) and ``bench`` (:mod:`mpi_imgproc.bench`).
+(:mod:`mpi_imgproc.verify`), ``bench`` (:mod:`mpi_imgproc.bench`), ``compare``
+(:mod:`mpi_imgproc.compare`) and ``web`` (:mod:`mpi_imgproc.web`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .local_engines import ENGINES, get_engine
 from .ops import REGISTRY
 from .pipeline import Pipeline
 from .tiling import run_pipeline
+from .web.command import add_web_command
 
 
 def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dataset_command(sub)
     add_verify_command(sub)
+    add_web_command(sub)
     return parser
 
 
