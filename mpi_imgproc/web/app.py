@@ -40,6 +40,7 @@ MEDIA = {"png": "image/png", "jpg": "image/jpeg", "tif": "image/tiff"}
 LOAD_WINDOW_S = 10.0  # the busy share of each rank is over this many seconds
 TIMELINE_S = 120.0  # jobs that ended this long ago drop off the task stream
 SSE_KEEPALIVE_S = 15.0
+DRAIN_BYTES = 64 * MB  # of a refused body, read and dropped so the client sees the 413
 
 
 class BodyLimit:
@@ -58,7 +59,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.most):
-            await self._refuse(send)
+            await self._refuse(receive, send)
             return
         seen = 0
 
@@ -73,12 +74,20 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except UploadRefused:
-            await self._refuse(send)
+            await self._refuse(receive, send)
 
     def _message(self) -> str:
         return f"request body over {self.most} bytes (--max-request-mb)"
 
-    async def _refuse(self, send: Any) -> None:
+    async def _refuse(self, receive: Any, send: Any) -> None:
+        # Read on (discarding, up to DRAIN_BYTES) so that a client still sending sees the
+        # answer instead of a reset connection; a larger body is cut off.
+        drained = 0
+        while drained < DRAIN_BYTES:
+            message = await receive()
+            drained += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
         body = json.dumps({"detail": self._message(), "code": "limit_exceeded"}).encode()
         headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
@@ -111,11 +120,10 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
 
     @app.exception_handler(ImgprocError)
     async def imgproc_error(_: Request, exc: ImgprocError) -> JSONResponse:
-        status = getattr(exc, "status", None) or (
-            503 if isinstance(exc, ServerUnavailable) else 400
-        )
-        if exc.code == "limit_exceeded" and status == 400:
-            status = 413
+        status = getattr(exc, "status", None)
+        if status is None:
+            status = 503 if isinstance(exc, ServerUnavailable) else 400
+            status = 413 if exc.code == "limit_exceeded" else status
         return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=status)
 
     async def info(fresh: bool = False) -> dict[str, Any]:

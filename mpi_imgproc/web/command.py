@@ -7,6 +7,13 @@ Kept apart from :mod:`.app` so that the command line loads without FastAPI insta
 from __future__ import annotations
 
 import argparse
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from ..connection import DEFAULT_ADDRESS
 from ..errors import ImgprocError
@@ -53,3 +60,42 @@ def cmd_web(args: argparse.Namespace) -> int:
     print(f"mpi_imgproc web on http://{args.host}:{args.port}/ (cluster {args.server})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (the kernel's pick)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running_web(server: str, *args: str, timeout: float = 30.0) -> Iterator[str]:
+    """Start ``mpi-imgproc web --server SERVER ARGS`` on a free loopback port; yield its URL.
+
+    The app answers ``/api/ops`` before this yields, and is stopped (then killed if it must
+    be) on exit, so tests and scripts never leave it behind.
+    """
+    port = free_port()
+    cmd = [sys.executable, "-m", "mpi_imgproc.cli", "web", "--server", server]
+    proc = subprocess.Popen([*cmd, "--port", str(port), *args], start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/ops", timeout=2):
+                    break
+            except OSError as exc:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    why = f"exit {proc.poll()}, last error {exc}"
+                    raise RuntimeError(f"mpi-imgproc web did not start ({why})") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -61,6 +61,7 @@ class UploadRefused(ImgprocError):
     def __init__(self, message: str, status: int = 413):
         super().__init__(message)
         self.status = status
+        self.code = "limit_exceeded" if status == 413 else "malformed"
 
 
 def safe_name(name: str | None, index: int, most: int) -> str:
