@@ -735,7 +735,10 @@ _CROSS_CHECKS["canny"] = _check_canny
 
 INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
-    "linear": cv2.INTER_LINEAR,
+    # OpenCV's bit-exact bilinear: coefficients in double precision, the same on every CPU,
+    # and so cut into strips exactly (mpi_imgproc.chain); it differs from INTER_LINEAR by at
+    # most 1 on some pixels.
+    "linear": cv2.INTER_LINEAR_EXACT,
     "cubic": cv2.INTER_CUBIC,
     "area": cv2.INTER_AREA,
     "lanczos": cv2.INTER_LANCZOS4,

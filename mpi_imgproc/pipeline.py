@@ -11,6 +11,9 @@ the whole-image result:
   (per-tile histograms are summed, then applied per tile).
 * ``ViewStage``   — crop, flip and quarter turns: a NumPy view made where the image is.
 * ``WholeStage``  — ops that need the whole image at once (Canny, resize): one tile.
+* ``ChainStage``  — from ``stages_for(shape)`` only: views, tiled ops and resizes fused into
+  one tiled pass, each output strip computed from its exact input window
+  (:mod:`mpi_imgproc.chain`).
 
 Every stage has ``process(pixels) -> pixels`` and a JSON form, which is what engines, worker
 processes and MPI ranks receive.
@@ -201,6 +204,43 @@ class Pipeline:
             image = step.run(image)
         return image
 
+    def stages_for(self, shape: Sequence[int]) -> tuple[Stage, ...]:
+        """The stages for an input of ``shape``: as ``stages``, except that runs of views,
+        tiled ops and resizes that contain a resize, or a view and a tiled op, become one
+        :class:`~mpi_imgproc.chain.ChainStage` each — a single tiled pass in which no step runs
+        on the whole image (whether a resize can join depends on its sizes, see
+        :mod:`mpi_imgproc.chain`)."""
+        from .chain import ChainStage, chainable
+
+        stages: list[Stage] = []
+        shapes = [canonical_shape(tuple(shape)), *self.output_shapes(shape)]
+        run: list[Step] = []
+        start = 0
+
+        def close() -> None:
+            has = {("resize" if s.op.name == "resize" else "view" if s.op.view else "tiled")
+                   for s in run}  # fmt: skip
+            if "resize" in has or {"view", "tiled"} <= has:
+                stages.append(ChainStage(tuple(run), shapes[start]))
+            elif run:
+                stages.extend(Pipeline(run).stages)
+            run.clear()
+
+        for i, step in enumerate(self.steps):
+            if chainable(step, shapes[i], run):
+                if not run:
+                    start = i
+                run.append(step)
+                continue
+            close()
+            if chainable(step, shapes[i]):  # a quarter turn that starts a new chain
+                start = i
+                run.append(step)
+            else:
+                stages.extend(Pipeline([step]).stages)
+        close()
+        return tuple(stages)
+
     @cached_property
     def stages(self) -> tuple[Stage, ...]:
         """The steps grouped into stages that tile exactly (see the module docstring)."""
@@ -354,6 +394,13 @@ def stage_from_json(data: Mapping[str, Any]) -> Stage:
         return ViewStage(steps[0])
     if kind == "apply":
         return ApplyStage(steps[0], np.asarray(data["statistic"], dtype=np.int64))
+    if kind == "chain":
+        from .chain import ChainStage
+
+        shape = data.get("shape")
+        if not isinstance(shape, list) or not all(type(v) is int and v > 0 for v in shape):
+            raise InvalidPipeline("malformed stage description: 'shape' must be positive ints")
+        return ChainStage(steps, tuple(shape))
     raise InvalidPipeline(f"unknown stage kind {kind!r}")
 
 

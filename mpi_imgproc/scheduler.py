@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .chain import ChainStage
 from .datapaths import replace_beneath, use_beneath
 from .errors import ImgprocError, describe, error_code
 from .imageio import encode
@@ -390,23 +391,21 @@ class Scheduler:
         image.source.pixels = image.source.data = None  # the decoded copy is the one we keep
         image.pixels = pixels
         image.plan = bound_tiles(image.plan, *pixels.shape[:2], job.pipeline.halo)
-        image.stages = list(job.pipeline.stages)
+        image.stages = list(job.pipeline.stages_for(pixels.shape))
         self._start_stage(image)
 
     def _start_regions(self, image: ImageWork) -> bool:
-        """Start a by-reference image as region tasks, if its pipeline is one tiled stage and
-        its input and output are region formats: each worker reads its strip (plus halo) and
-        writes its rows of the output itself, and rank 0 moves only task descriptions.  No
+        """Start a by-reference image as region tasks, if its pipeline is one tiled stage or
+        one chain (:mod:`mpi_imgproc.chain`) and its input and output are region formats:
+        each worker reads its strip (plus halo, or a chain's input window) and writes its rows
+        of the output itself, and rank 0 moves only task descriptions.  No
         process ever holds the image, so the pixel limit does not apply.  False: not such an
         image (it goes the usual way)."""
         job, source = image.job, image.source.path
-        stages = job.pipeline.stages
         assert job.targets is not None
         target = job.targets(image)
         if (
             source is None
-            or len(stages) != 1
-            or type(stages[0]) is not TiledStage
             or Path(source).suffix.lower() not in REGION_SUFFIXES
             or Path(target).suffix.lower() not in REGION_SUFFIXES
         ):
@@ -415,6 +414,9 @@ class Scheduler:
             reader = use_beneath(job.root, source, partial_fn(open_region, name=source))
             if reader is None:
                 return False
+            stages = job.pipeline.stages_for(reader.shape)
+            if len(stages) != 1 or type(stages[0]) not in (TiledStage, ChainStage):
+                return False
             image.partial = partial_name(target)
             shape = job.pipeline.output_shape(reader.shape)
             create = partial_fn(create_output, shape=shape, dtype=reader.dtype)
@@ -422,18 +424,19 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
             self._fail_image(image, error_code(exc), describe(exc))
             return True
-        height, width = reader.shape[:2]
-        row_bytes = width * math.prod(reader.shape[2:]) * reader.dtype.itemsize
-        rows = max(16, stages[0].halo, REGION_TASK_BYTES // max(1, row_bytes))
+        stage = stages[0]
+        height, width = shape[:2]  # of the output: strips are cut there
+        row_bytes = width * math.prod(shape[2:]) * reader.dtype.itemsize
+        rows = max(16, stage.halo, REGION_TASK_BYTES // max(1, row_bytes))
         rows = max(rows, math.ceil(height / MAX_TILES_PER_IMAGE))
         image.plan = Plan(
             "regions", rows, True, f"read and written by regions: strips of {rows} rows"
         )
-        stage_json = json.dumps(stages[0].to_json(), separators=(",", ":"))
-        for tile in split_with_halo(height, width, rows, stages[0].halo, full_rows=True):
+        stage_json = json.dumps(stage.to_json(), separators=(",", ":"))
+        for tile, margins in _strips(stage, reader.shape, rows):
             header = {"kind": "region", "stage": stage_json, "source": source, "root": job.root}
             header.update(target=image.partial, region=tile.region, core=tile.core)
-            header["margins"] = tile.margins
+            header["margins"] = margins
             self._queue(image, (header, None), tile)
         return True
 
@@ -501,13 +504,18 @@ class Scheduler:
         if isinstance(stage, ReduceStage):
             tiles = split_with_halo(height, width, size, 0, strips)
             image.statistic = None
+        elif isinstance(stage, ChainStage):
+            chained = _strips(stage, image.pixels.shape, size)
+            image.merger = Merger(*stage.output_shape[:2], [t for t, _ in chained])
         else:
             size = 0 if stage.whole else size
             tiles = split_with_halo(height, width, size, stage.halo, strips or stage.full_rows)
             image.merger = Merger(height, width, tiles)
         stage_json = json.dumps(stage.to_json(), separators=(",", ":"))  # once per stage
-        for tile in tiles:
-            header = {"kind": "tile", "stage": stage_json, "margins": tile.margins}
+        if not isinstance(stage, ChainStage):
+            chained = [(t, t.margins) for t in tiles]
+        for tile, margins in chained:
+            header = {"kind": "tile", "stage": stage_json, "margins": margins}
             self._queue(image, (header, tile.region_of(image.pixels)), tile)
 
     def _complete(self, done: Completion) -> None:
@@ -628,6 +636,16 @@ class Scheduler:
     def _finish(self, job: Job, state: str, message: str | None) -> None:
         job.state, job.message, job.ended = state, message, time.perf_counter()
         job.listener.finished(job)
+
+
+def _strips(stage: Stage, shape: tuple[int, ...], rows: int) -> list[tuple[Tile, tuple]]:
+    """Full-width strips of a tiled stage or a chain over an input of ``shape``, each with the
+    ``margins`` its task carries (a chain's: the tile's placement)."""
+    if isinstance(stage, ChainStage):
+        rows = max(rows, math.ceil(stage.output_shape[0] / MAX_TILES_PER_IMAGE))
+        return [(t, stage.placement(t)) for t in stage.tiles(rows)]
+    tiles = split_with_halo(shape[0], shape[1], rows, stage.halo, full_rows=True)
+    return [(t, t.margins) for t in tiles]
 
 
 def output_format(output: str, name: str) -> str:

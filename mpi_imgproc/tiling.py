@@ -19,6 +19,7 @@ import numpy as np
 from .pipeline import Pipeline, ReduceStage, Stage, ViewStage
 
 if TYPE_CHECKING:
+    from .chain import ChainStage
     from .local_engines import Engine
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open)
@@ -141,6 +142,8 @@ def run_stage(stage: Stage, image: np.ndarray, engine: Engine, tile_size: int) -
     height, width = image.shape[:2]
     if isinstance(stage, ViewStage):
         return stage.process(image)
+    if type(stage).__name__ == "ChainStage":  # chain.py builds on this module
+        return _run_chain(stage, image, engine, tile_size)
     if isinstance(stage, ReduceStage):
         parts = split_with_halo(height, width, tile_size, 0)
         stats = engine.run(stage, [t.region_of(image) for t in parts], [t.margins for t in parts])
@@ -156,10 +159,24 @@ def run_stage(stage: Stage, image: np.ndarray, engine: Engine, tile_size: int) -
     return out
 
 
+def _run_chain(stage: ChainStage, image: np.ndarray, engine: Engine, tile_size: int) -> np.ndarray:
+    """A chain's output strips, each from its own input window, assembled."""
+    tiles = stage.tiles(tile_size)
+    pieces = [t.region_of(image) for t in tiles]
+    results = engine.run(stage, pieces, [stage.placement(t) for t in tiles])
+    if len(tiles) == 1:
+        return results[0]
+    out = np.empty(stage.output_shape[:2] + results[0].shape[2:], results[0].dtype)
+    for tile, result in zip(tiles, results):
+        y0, y1, x0, x1 = tile.core
+        out[y0:y1, x0:x1] = result
+    return out
+
+
 def run_pipeline(
     pipeline: Pipeline, image: np.ndarray, engine: Engine, tile_size: int
 ) -> np.ndarray:
     """Run every stage of ``pipeline`` tiled; bit-identical to ``pipeline.apply(image)``."""
-    for stage in pipeline.stages:
+    for stage in pipeline.stages_for(image.shape):
         image = run_stage(stage, image, engine, tile_size)
     return np.ascontiguousarray(image)  # a trailing view (flip, crop) becomes an image

@@ -166,10 +166,18 @@ def region_inputs(root):
     ]
 
 
-@pytest.mark.parametrize("ops", [BLUR, ["median_blur:ksize=5", "sharpen", "grayscale"]])
+CHAIN = [
+    "crop:x=5,y=9,width=500,height=600",
+    "resize:scale=0.9,interpolation=linear",
+    "sharpen",
+    "rotate:angle=180",
+]  # fmt: skip - one chain: every strip from its own input window
+
+
+@pytest.mark.parametrize("ops", [BLUR, ["median_blur:ksize=5", "sharpen", "grayscale"], CHAIN])
 def test_region_formats_are_read_and_written_by_regions_exactly(root, dealer, region_inputs, ops):
     image, paths = region_inputs
-    out = f"out-regions-{len(ops)}"
+    out = f"out-regions-{ops[0].split(':')[0]}-{len(ops)}"
     _, messages = run(dealer, paths=paths, output=out, result="same", pipeline=ops)
     results = by_type(messages, "result")
     assert not by_type(messages, "image_error") and len(results) == 4

@@ -30,6 +30,8 @@ PIPELINES = [
     ["median_blur:ksize=5", "canny:low=50,high=120"],
     ["resize:scale=0.7,interpolation=lanczos", "erode:ksize=3,iterations=2", "rotate:angle=90"],
     ["sobel:ksize=5", "laplacian", "invert", "flip:axis=both"],
+    # one chain (mpi_imgproc.chain): 30 rows to 27 has a period of 9 rows
+    ["crop:x=1,y=1,width=30,height=30", "resize:scale=0.9,interpolation=linear", "sharpen"],
 ]
 
 

@@ -1,0 +1,251 @@
+"""Chains: crop, flip, quarter turns, resize and tiled ops fused into one tiled pass.
+
+A pipeline such as ``crop -> resize -> sharpen`` used to run as three whole-image stages.  A
+:class:`ChainStage` runs it as one: the output is cut into strips, and each strip is traced
+back through every step to the exact window of the *input* it depends on.  A worker gets (or,
+by reference, reads) only that window and runs the steps on it, cutting each intermediate to
+what the next step needs.  No process holds the image or any intermediate whole.
+
+How each step maps an output box back to an input box (boxes are ``(y0, y1, x0, x1)``):
+
+* a point or neighbourhood op: the box grown by its halo and clipped to the image (the halo
+  argument of :mod:`mpi_imgproc.tiling`); ops marked ``full_rows`` take whole rows;
+* crop, flip and quarter turns: the same pixels, shifted, mirrored or transposed;
+* resize: whole rows, aligned to the ratio's *period*.  OpenCV maps output row ``dy`` to
+  source ``(dy + 0.5) * in/out - 0.5``.  With ``in/out = q/p`` in lowest terms, output rows
+  ``k*p + j`` and input rows ``k*q + j'`` line up exactly like rows ``j`` and ``j'``, so
+  ``cv2.resize`` of a window that starts at input row ``k*q``, called with the whole image's
+  scale factors (``fx``, ``fy``, not a size), computes the whole image's rows ``k*p ...`` —
+  the same arithmetic on the same values.  Columns span the whole width, so they see the whole
+  image's column mapping unchanged.  The window has a margin of whole periods beyond the
+  widest kernel (Lanczos' 8 taps, or a downscale's cell), so no kept row sees the window's edge.
+
+Where that alignment is exact (checked by the property tests in ``tests/test_chain.py``):
+
+* ``nearest``, ``area`` and ``linear`` (OpenCV's bit-exact bilinear, ``INTER_LINEAR_EXACT``,
+  whose coefficients are computed in double precision) for any period up to
+  :data:`MAX_RESIZE_PERIOD` rows;
+* ``cubic`` and ``lanczos`` compute the source coordinate in single precision, whose rounding
+  depends on the coordinate's magnitude: a window's small local coordinates round differently
+  from the whole image's large ones.  They are chained only when every coordinate is exactly
+  representable in single precision (the period a power of two and ``2·p·size < 2**24``: scale
+  factors such as 1/2, 1/3, 2 or 4), and otherwise run as a whole-image stage.
+
+A resize whose period is too long (e.g. 1000 rows to 999) also runs whole: a strip would have
+to span the period anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .ops import INTERPOLATIONS, canonical_shape
+from .pipeline import Stage, Step
+from .tiling import Box, Tile
+
+MAX_RESIZE_PERIOD = 256
+_FLOAT_MANTISSA = 2**24
+_SINGLE_PRECISION_MODES = ("cubic", "lanczos")
+
+
+def resize_period(in_rows: int, out_rows: int, interpolation: str) -> tuple[int, int] | None:
+    """``(p, q)`` with ``out_rows/in_rows = p/q`` in lowest terms, when a resize between these
+    row counts can be cut into aligned strips exactly; None when it must run whole."""
+    g = math.gcd(in_rows, out_rows)
+    p, q = out_rows // g, in_rows // g
+    if p > MAX_RESIZE_PERIOD or out_rows < 2 * p:
+        return None
+    if interpolation in _SINGLE_PRECISION_MODES and (
+        p & (p - 1) or 2 * p * max(in_rows, out_rows) >= _FLOAT_MANTISSA
+    ):
+        return None
+    return p, q
+
+
+def chainable(step: Step, shape: tuple[int, ...], after: Sequence[Step] = ()) -> bool:
+    """Whether ``step`` on an input of ``shape`` can join a chain of the steps ``after``.
+
+    A quarter turn that swaps rows and columns may not follow a resize or a ``full_rows`` op:
+    an output strip would then need every row of theirs, and each strip would redo them whole.
+    """
+    if step.op.name == "rotate" and step.params["angle"] != 180:
+        return not any(s.op.name == "resize" or s.op.full_rows for s in after)
+    if step.op.tileable or step.op.view is not None:
+        return True
+    if step.op.name != "resize":
+        return False
+    out = step.op.output_shape(shape, step.params)
+    return resize_period(shape[0], out[0], step.params["interpolation"]) is not None
+
+
+def _clip(box: Box, shape: Sequence[int]) -> Box:
+    y0, y1, x0, x1 = box
+    return max(0, y0), min(shape[0], y1), max(0, x0), min(shape[1], x1)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One step of a chain with the shapes it reads and writes."""
+
+    step: Step
+    shape_in: tuple[int, ...]
+    shape_out: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.step.op.name
+
+    def need(self, box: Box) -> Box:
+        """The input box this step needs to produce output ``box`` exactly."""
+        y0, y1, x0, x1 = box
+        h, w = self.shape_in[:2]
+        p = self.step.params
+        if self.step.op.tileable:
+            halo = self.step.halo
+            grown = _clip((y0 - halo, y1 + halo, x0 - halo, x1 + halo), self.shape_in)
+            return (*grown[:2], 0, w) if self.step.op.full_rows else grown
+        if self.name == "crop":
+            return y0 + p["y"], y1 + p["y"], x0 + p["x"], x1 + p["x"]
+        if self.name == "flip":
+            if p["axis"] in ("vertical", "both"):
+                y0, y1 = h - y1, h - y0
+            if p["axis"] in ("horizontal", "both"):
+                x0, x1 = w - x1, w - x0
+            return y0, y1, x0, x1
+        if self.name == "rotate":
+            if p["angle"] == 90:  # out[i, j] = in[h-1-j, i]
+                return h - x1, h - x0, y0, y1
+            if p["angle"] == 270:  # out[i, j] = in[j, w-1-i]
+                return x0, x1, w - y1, w - y0
+            return h - y1, h - y0, w - x1, w - x0
+        return self._resize_window(y0, y1)[0]
+
+    def _resize_window(self, y0: int, y1: int) -> tuple[Box, int]:
+        """The aligned input window for output rows ``[y0, y1)`` and its first output row."""
+        (h, w), out_h = self.shape_in[:2], self.shape_out[0]
+        period = resize_period(h, out_h, self.step.params["interpolation"])
+        assert period is not None, "a resize is chained only with a period"
+        p, q = period
+        first, last = y0 // p, -(-y1 // p)  # whole periods covering the rows
+        reach = -(-(5 + math.ceil(q / p)) // q)  # periods of margin beyond the widest kernel
+        start = max(0, first - reach)
+        return (start * q, min(h, (last + reach) * q), 0, w), start * p
+
+    def forward(self, pixels: np.ndarray, have: Box, want: Box) -> np.ndarray:
+        """This step's output over ``want``, from ``pixels`` covering input box ``have``."""
+        need = self.need(want)
+        if self.name == "resize":
+            need, first_row = self._resize_window(want[0], want[1])
+        top, left = need[0] - have[0], need[2] - have[2]
+        block = pixels[top : top + need[1] - need[0], left : left + need[3] - need[2]]
+        if self.name == "resize":
+            return self._resize(block, first_row, want)
+        if self.step.op.view is not None:
+            self.step.op.check_image(block)
+            return np.ascontiguousarray(self.step.op.view(block, **self._block_params(block)))
+        out = self.step.run(block)
+        y0, x0 = want[0] - need[0], want[2] - need[2]
+        return out[y0 : y0 + want[1] - want[0], x0 : x0 + want[3] - want[2]]
+
+    def _block_params(self, block: np.ndarray) -> dict[str, Any]:
+        """A view op's parameters for a block that already is its input box (crop: all of it)."""
+        if self.name == "crop":
+            return {"x": 0, "y": 0, "width": 0, "height": 0}
+        return dict(self.step.params)
+
+    def _resize(self, block: np.ndarray, first_row: int, want: Box) -> np.ndarray:
+        self.step.op.check_image(block)
+        cv2.ipp.setUseIPP(False)  # as Op.run: the whole image is computed without IPP
+        (h, w), (out_h, out_w) = self.shape_in[:2], self.shape_out[:2]
+        mode = INTERPOLATIONS[self.step.params["interpolation"]]
+        out = cv2.resize(block, None, fx=out_w / w, fy=out_h / h, interpolation=mode)
+        top = want[0] - first_row
+        return out[top : top + want[1] - want[0], want[2] : want[3]]
+
+
+@dataclass(frozen=True)
+class ChainStage(Stage):
+    """Steps fused into one tiled pass over an input of ``shape`` (see the module docstring).
+
+    A tile's ``region`` is a box of this stage's input and its ``core`` a box of its output;
+    its *placement*, sent as the task's ``margins``, is the two boxes together.
+    """
+
+    steps: tuple[Step, ...]
+    shape: tuple[int, ...]
+
+    @cached_property
+    def links(self) -> tuple[Link, ...]:
+        links, shape = [], canonical_shape(self.shape)
+        for step in self.steps:
+            out = step.op.output_shape(shape, step.params)
+            links.append(Link(step, shape, out))
+            shape = out
+        return tuple(links)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.links[-1].shape_out
+
+    def source_box(self, core: Box) -> Box:
+        """The input box the output box ``core`` depends on."""
+        for link in reversed(self.links):
+            core = link.need(core)
+        return core
+
+    def min_rows(self) -> int:
+        """Strips are at least twice the longest resize period, so that the aligned windows
+        do not dwarf the strips (no quarter turn follows a resize in a chain, so a period's
+        rows stay rows)."""
+        rows = 1
+        for link in self.links:
+            if link.name == "resize":
+                period = resize_period(link.shape_in[0], link.shape_out[0], "nearest")
+                assert period is not None
+                rows = max(rows, 2 * period[0])
+        return rows
+
+    def tiles(self, rows: int) -> list[Tile]:
+        """Output strips of ``rows`` rows (0: one tile), each with its exact input region."""
+        out_h, out_w = self.output_shape[:2]
+        rows = out_h if rows <= 0 else max(rows, self.min_rows())
+        tiles = []
+        for i, y in enumerate(range(0, out_h, rows)):
+            core = (y, min(out_h, y + rows), 0, out_w)
+            tiles.append(Tile(i, core, self.source_box(core)))
+        return tiles
+
+    @staticmethod
+    def placement(tile: Tile) -> tuple[int, ...]:
+        """What a worker needs besides the pixels: the region's and the core's boxes."""
+        return (*tile.region, *tile.core)
+
+    def run_tile(self, pixels: np.ndarray, margins: Sequence[int]) -> np.ndarray:
+        """The core of one tile from its region's pixels (``margins`` is its placement)."""
+        have, core = tuple(margins[:4]), tuple(margins[4:8])
+        wants = [core]
+        for link in reversed(self.links[1:]):
+            wants.append(link.need(wants[-1]))
+        wants.reverse()  # wants[i]: the box of step i's output that step i+1 needs
+        for link, want in zip(self.links, wants):
+            pixels, have = link.forward(pixels, have, want), want
+        return np.ascontiguousarray(pixels)
+
+    def process(self, pixels: np.ndarray) -> np.ndarray:
+        """The whole image as one tile."""
+        (tile,) = self.tiles(0)
+        return self.run_tile(pixels, self.placement(tile))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": "chain",
+            "steps": [s.to_json() for s in self.steps],
+            "shape": list(self.shape),
+        }

@@ -1,0 +1,131 @@
+"""Chains (crop, flip, quarter turns, resize and tiled ops in one tiled pass) are exact.
+
+Every chain's output, cut into strips as small as one row, equals ``Pipeline.apply`` on the
+whole image bit for bit; the resizes are drawn with ratios whose period is short enough to be
+chained, and the tests check that they were (a chain that silently fell back to a whole-image
+stage would prove nothing).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mpi_imgproc.chain import ChainStage, resize_period
+from mpi_imgproc.local_engines import get_engine
+from mpi_imgproc.pipeline import Pipeline, stage_from_json
+from mpi_imgproc.tiling import run_pipeline
+
+MODES = ["nearest", "linear", "area", "cubic", "lanczos"]
+# out/in ratios with short periods; cubic and lanczos chain only at power-of-two periods
+RATIOS = [(1, 2), (1, 3), (2, 3), (3, 4), (9, 10), (11, 10), (3, 2), (2, 1), (5, 2), (4, 1)]
+VIEWS = [
+    "flip:axis=horizontal",
+    "flip:axis=vertical",
+    "flip:axis=both",
+    "rotate:angle=90",
+    "rotate:angle=180",
+    "rotate:angle=270",
+]
+FILTERS = ["sharpen", "gaussian_blur:ksize=5", "sobel:ksize=3", "erode:ksize=3", "invert"]
+
+
+@st.composite
+def chains(draw):
+    """(image, specs): an odd-sized image whose size fits the drawn ratio, and a chain."""
+    p, q = draw(st.sampled_from(RATIOS))
+    mode = draw(st.sampled_from(MODES))
+    periods = draw(st.integers(3, 40 // q + 3))
+    height = q * periods
+    width = draw(st.integers(3, 41))
+    channels = draw(st.sampled_from([1, 3]))
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    image = draw(st.integers(0, 2**32 - 1).map(lambda s: np.random.default_rng(s)))
+    pixels = image.integers(0, 256, shape, dtype=np.uint8)
+    out_w = max(1, width * p // q)
+    resize = f"resize:height={p * periods},width={out_w},interpolation={mode}"
+    before = draw(st.lists(st.sampled_from(["flip:axis=both", "rotate:angle=180", *FILTERS]),
+                           max_size=2))  # fmt: skip
+    after = draw(st.lists(st.sampled_from(VIEWS + FILTERS), max_size=2))
+    return pixels, [*before, resize, *after]
+
+
+def _specs(stage: ChainStage) -> list[str]:
+    return [f"resize:height={s.params['height']},width={s.params['width']},"
+            f"interpolation={s.params['interpolation']}" if s.op.name == "resize" else ""
+            for s in stage.steps]  # fmt: skip
+
+
+def _check(pixels: np.ndarray, specs: list[str], tile: int, engine: str = "sequential") -> None:
+    pipeline = Pipeline.parse(specs)
+    expected = pipeline.apply(pixels)
+    with get_engine(engine, 2) as eng:
+        got = run_pipeline(pipeline, pixels, eng, tile)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert np.array_equal(got, expected), f"{specs} tile={tile}"
+
+
+@settings(
+    max_examples=int(os.environ.get("CHAIN_EXAMPLES", "120")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(chains(), st.integers(1, 9))
+def test_chained_resize_equals_the_whole_image(chain, tile):
+    pixels, specs = chain
+    stages = Pipeline.parse(specs).stages_for(pixels.shape)
+    resize = next(s for s in specs if s.startswith("resize"))
+    mode = resize.rsplit("=", 1)[1]
+    height = pixels.shape[0]
+    out_rows = int(resize.split("height=")[1].split(",")[0])
+    period = resize_period(height, out_rows, mode)
+    if period is not None:
+        (chain,) = [s for s in stages if isinstance(s, ChainStage) and resize in _specs(s)]
+        assert len(chain.tiles(tile)) > 1 or out_rows <= max(tile, 2 * period[0])
+    _check(pixels, specs, tile)
+
+
+@pytest.mark.parametrize("engine", ["threads", "processes"])
+def test_crop_resize_sharpen_is_one_tiled_pass(engine):
+    """The libvips benchmark's pipeline: one chain, many strips, exact on every engine."""
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (220, 130, 3), dtype=np.uint8)
+    specs = ["crop:x=10,y=10,width=110,height=200", "resize:scale=0.9,interpolation=linear",
+             "sharpen"]  # fmt: skip
+    (stage,) = Pipeline.parse(specs).stages_for(pixels.shape)
+    assert isinstance(stage, ChainStage) and len(stage.tiles(16)) > 5
+    assert stage_from_json(stage.to_json()) == stage
+    _check(pixels, specs, 16, engine)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "area"])
+@pytest.mark.parametrize("ratio", [(9, 10), (11, 10), (1, 3), (7, 4)])
+def test_resize_strips_are_exact_at_large_coordinates(mode, ratio):
+    """Tall, narrow images: strips far from row 0, where coordinates are large."""
+    p, q = ratio
+    height = q * (30000 // q)
+    pixels = np.random.default_rng(3).integers(0, 256, (height, 5, 3), dtype=np.uint8)
+    specs = [f"resize:height={height * p // q},width=4,interpolation={mode}"]
+    _check(pixels, specs, 997)
+
+
+def test_single_precision_modes_with_long_periods_run_whole():
+    """cubic/lanczos at a ratio of 9/10 would round differently in a strip: not chained."""
+    assert resize_period(1000, 900, "cubic") is None
+    assert resize_period(1000, 500, "lanczos") == (1, 2)
+    assert resize_period(1000, 999, "linear") is None  # period of 999 rows: too long
+    stages = Pipeline.parse(["resize:scale=0.9,interpolation=cubic"]).stages_for((1000, 8, 3))
+    assert not any(isinstance(s, ChainStage) for s in stages)
+
+
+def test_a_quarter_turn_after_a_resize_starts_a_new_chain():
+    """Otherwise every strip of the turned image would need every row of the resize."""
+    specs = ["resize:scale=0.5,interpolation=area", "rotate:angle=90", "sharpen"]
+    stages = Pipeline.parse(specs).stages_for((64, 48, 3))
+    assert [len(s.steps) for s in stages if isinstance(s, ChainStage)] == [1, 2]
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    _check(pixels, specs, 5)
