@@ -41,6 +41,7 @@ from mpi4py import MPI
 from .cli import add_pipeline_options, output_paths, pipeline_from_args, refuse_overwriting_inputs
 from .errors import ImgprocError, describe
 from .imageio import FORMATS, list_inputs, not_regular, write_atomic
+from .launch_check import refuse_mismatched_launch
 from .mpi_transport import Backoff, run_or_abort
 from .pipeline import Pipeline
 from .planner import ImageSource
@@ -395,7 +396,10 @@ def run_rank0(comm: MPI.Comm, args: argparse.Namespace, pipeline: Pipeline, work
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of every rank; any unhandled error aborts the whole MPI job."""
+    """Entry point of every rank; any unhandled error aborts the whole MPI job.  A launcher
+    whose processes each see a world of one (a mismatched MPI) ends them with exit 2."""
+    if refuse_mismatched_launch("error"):
+        return EXIT_USAGE
     comm = MPI.COMM_WORLD
 
     def body() -> int:

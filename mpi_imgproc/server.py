@@ -39,7 +39,8 @@ from mpi4py import MPI
 from . import __version__, datapaths
 from .errors import ImgprocError, PathRefused, describe, error_code
 from .imageio import output_path
-from .local_engines import ENGINES, check_engine, default_workers, get_engine
+from .launch_check import refuse_mismatched_launch
+from .local_engines import ENGINES, check_engine, get_engine
 from .mpi_transport import Backoff, run_or_abort
 from .pipeline import Pipeline
 from .planner import DEFAULT_CUTOVER_S, DEFAULT_INLINE_S, MAX_TILES_PER_IMAGE, ImageSource
@@ -245,13 +246,23 @@ def make_backend(comm: MPI.Comm, options: argparse.Namespace) -> tuple[Backend, 
 
 
 def workers_per_rank(comm: MPI.Comm, options: Options) -> int:
-    """Engine workers for each rank: ``--workers-per-rank``, or this node's cores shared out
-    between the worker ranks (rank > 0) on it.  Collective: every rank calls it."""
+    """Engine workers for each rank: ``--workers-per-rank``, or this rank's share of its CPU
+    set (see :func:`cores_for_worker`).  Collective: every rank calls it."""
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    ranks = node.allgather(comm.Get_rank())
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux only
+    mine = frozenset(affinity(0) if affinity else range(os.cpu_count() or 1))
+    placed = node.allgather((comm.Get_rank(), mine))
     node.Free()
-    local_workers = max(1, sum(1 for r in ranks if r != 0))
-    return options.workers_per_rank or max(1, default_workers() // local_workers)
+    workers = [cpus for rank, cpus in placed if rank != 0]
+    return options.workers_per_rank or cores_for_worker(mine, workers)
+
+
+def cores_for_worker(mine: frozenset[int], workers_on_node: Sequence[frozenset[int]]) -> int:
+    """A rank's CPU set divided between the worker ranks on its node whose sets overlap it:
+    unbound ranks all see the whole node and share it; ranks bound to CPUs of their own
+    (``srun --cpus-per-task``, ``mpirun --bind-to``) each keep theirs whole."""
+    sharing = sum(1 for cpus in workers_on_node if cpus & mine)
+    return max(1, len(mine) // max(1, sharing))
 
 
 def versions() -> dict[str, str]:
@@ -916,8 +927,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of every rank; any unhandled error aborts the whole MPI job.
 
     A bad command line or an endpoint that cannot be bound ends every rank with one line and
-    exit 2, before any cluster work: rank 0 binds first and tells the workers.
+    exit 2, before any cluster work: rank 0 binds first and tells the workers.  So does a
+    launcher that started several processes which each see a world of one (a mismatched MPI).
     """
+    if refuse_mismatched_launch("mpi_imgproc server"):
+        return 2
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
 
