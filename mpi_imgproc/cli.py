@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_command(sub)
     add_verify_command(sub)
     add_web_command(sub)
+    from .compare import add_compare_command  # here: compare builds on this module's options
+
+    add_compare_command(sub)
     return parser
 
 

@@ -1007,3 +1007,74 @@ def write_recommendation(result: Row, out: Path) -> str:
     command = f"```sh\n{result['command']}\n```"
     (out / "recommend.md").write_text(f"# Tile recommendation\n\n{command}\n\n{text}\n")
     return text
+
+
+# -- one job, per rank (bench, compare and the web page share these figures) -----------------
+
+
+def rank_utilisation(stats: Row) -> list[Row]:
+    """Per worker rank of one job's ``done`` stats: tiles, busy seconds and busy share of the
+    job's time from its start to its end (queue excluded)."""
+    span = float(stats.get("total", 0.0)) - float(stats.get("queue", 0.0))
+    rows = []
+    for rank, figures in sorted(stats.get("ranks", {}).items(), key=lambda kv: int(kv[0])):
+        busy = float(figures.get("busy_s", 0.0))
+        share = busy / span if span > 0 else 0.0
+        rows.append({"rank": int(rank), "tiles": int(figures.get("tiles", 0)), "busy_s": busy,
+                     "share": share})  # fmt: skip
+    return rows
+
+
+def plot_job_ranks(stats: Row, out: Path, stem: str = "job") -> list[Path]:
+    """``{stem}_utilisation`` (busy share per rank) and ``{stem}_timeline`` (a Gantt of the
+    job: its queue, then per rank a bar over the job's run with the busy share filled), each
+    as PNG and SVG.  The ``done`` stats give busy seconds per rank, not when each tile ran,
+    so the timeline shows how much of the run each rank was busy, not where in it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = rank_utilisation(stats)
+    if not rows:
+        return []
+    written: list[Path] = []
+    fig, ax = plt.subplots(figsize=(5.6, 0.4 * len(rows) + 1.5))
+    ax.barh([f"rank {r['rank']}" for r in rows], [100 * r["share"] for r in rows],
+            color="#2563eb")  # fmt: skip
+    for i, r in enumerate(rows):
+        ax.text(100 * r["share"] + 1, i, f"{100 * r['share']:.0f} % · {r['tiles']} tiles",
+                va="center", fontsize=8)  # fmt: skip
+    ax.axvline(100, color="#888", linestyle="--", linewidth=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("busy share of the job's run (%; above 100: several engine workers)")
+    ax.set_title("per-rank utilisation, one job", fontsize=10)
+    written += _save_both(fig, out / f"{stem}_utilisation")
+
+    queue, total = float(stats.get("queue", 0.0)), float(stats.get("total", 0.0))
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.6))
+    ax.broken_barh([(0, queue)], (len(rows) - 0.4, 0.8), color="#d97706", label="queued")
+    for i, r in enumerate(rows):
+        y = len(rows) - 1 - i
+        ax.broken_barh([(queue, total - queue)], (y - 0.4, 0.8), color="#c7d2fe")
+        busy = min(total - queue, r["busy_s"])
+        ax.broken_barh([(queue, busy)], (y - 0.4, 0.8), color="#2563eb")
+    ax.set_yticks(range(len(rows) + 1))
+    ax.set_yticklabels([*[f"rank {r['rank']}" for r in reversed(rows)], "job"])
+    ax.set_xlim(0, max(total, 1e-6))
+    ax.set_xlabel("seconds since the job was accepted (dark: busy share of the run)")
+    ax.set_title("task timeline, one job", fontsize=10)
+    written += _save_both(fig, out / f"{stem}_timeline")
+    return written
+
+
+def _save_both(fig: Any, stem: Path) -> list[Path]:
+    """Save a figure as PNG and SVG and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=110, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    return paths

@@ -246,6 +246,9 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
     async def cluster() -> dict[str, Any]:
         return cluster_view(await info(), state["store"].finished, time.time())
 
+    from .compare_view import add_compare_routes
+
+    add_compare_routes(app, server, limits, info)
     app.add_middleware(BodyLimit, most=limits.max_request_bytes + MB)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

@@ -1,0 +1,631 @@
+"""``mpi-imgproc compare``: one set of images through every way this project can run them.
+
+Methods, all on the same images and pipeline, in the same run:
+
+=================  ==========================================================================
+``sequential``     the ``sequential`` engine, one core: the reference of every speedup
+``threads``        the ``threads`` engine (OpenCV releases the GIL)
+``processes``      the ``processes`` engine (shared memory, forkserver)
+``pool``           a plain ``multiprocessing.Pool.map`` of ``Pipeline.apply`` over the images,
+                   pickled both ways: the baseline a user would write first
+``gpu``            the ``gpu`` engine, where CuPy and a device are there
+``cluster-nN``     ``mpiexec -n N`` servers started here (or one running cluster for the web
+                   page), fed through the :class:`~mpi_imgproc.client.Client`
+=================  ==========================================================================
+
+Every method runs once untimed (pools started, caches warm) and then ``repeat`` timed rounds;
+local methods' rounds are interleaved, so a slow spell on a shared machine hits all of them.
+Every output of every round is compared with the sequential output bit for bit; a method
+that differs is reported as not exact (its time is still shown, marked).  Medians with
+min–max are reported; speedup is the sequential median over the method's, efficiency the
+speedup over the cores the method used.  Nothing is extrapolated: the cluster is reported at
+the rank counts measured, and :func:`cluster_speedup` refuses any other.
+
+The web page's compare view calls :func:`run_compare` and :func:`write_outputs` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import EngineUnavailable, ImgprocError, describe
+from .imageio import list_inputs, read_image
+from .local_engines import default_workers, get_engine
+from .metrics import efficiency, karp_flatt, median, speedup
+from .pipeline import Pipeline, ReduceStage
+from .report import _save_both, markdown_table, plot_job_ranks, write_csv, write_json
+from .tiling import run_pipeline
+
+LOCAL_METHODS = ("sequential", "threads", "processes", "pool", "gpu")
+SAMPLE_COLUMNS = ["method", "kind", "ranks", "cores", "round", "wall_s", "exact"]
+SUMMARY_COLUMNS = [
+    "method", "kind", "ranks", "cores", "samples", "median_s", "min_s", "max_s", "speedup",
+    "speedup_min", "speedup_max", "efficiency", "images_per_s", "exact",
+]  # fmt: skip
+LOCAL_TILE = 512  # tiles of one large image for the local engines (below: whole images)
+
+
+class CompareError(ImgprocError):
+    """A comparison that cannot run or a question it cannot answer from what it measured."""
+
+    code = "compare_error"
+
+
+@dataclass
+class CompareSettings:
+    """What to compare: the pipeline, methods, cluster rank counts, rounds and workers.
+
+    ``server``: compare against this running cluster (one rank count, the web page's) instead
+    of starting one per entry of ``ranks``.
+    """
+
+    pipeline: Pipeline
+    methods: Sequence[str] = LOCAL_METHODS
+    ranks: Sequence[int] = (2, 3)
+    repeat: int = 3
+    workers: int | None = None
+    cluster_engine: str = "threads"
+    tile: int | str = "auto"
+    server: str | None = None
+    timeout: float = 600.0
+    notes: list[str] = field(default_factory=list)
+
+
+Progress = Callable[[str], None]
+
+
+# -- local methods -----------------------------------------------------------------------------
+
+
+def run_local(engine: Any, pipeline: Pipeline, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Every image through ``engine``: across images when there are enough of them, across
+    tiles of each image otherwise (one large image still keeps every worker busy)."""
+    batchable = not any(isinstance(s, ReduceStage) for s in pipeline.stages)
+    if batchable and len(images) >= engine.workers:
+        pieces = list(images)
+        for stage in pipeline.stages:
+            pieces = engine.run(stage, pieces, [(0, 0, 0, 0)] * len(pieces))
+        return [np.ascontiguousarray(p) for p in pieces]
+    return [run_pipeline(pipeline, image, engine, LOCAL_TILE) for image in images]
+
+
+_POOL_PIPELINE: Pipeline | None = None
+
+
+def _pool_start(steps: list[Any]) -> None:
+    import cv2
+
+    global _POOL_PIPELINE
+    cv2.setNumThreads(1)
+    _POOL_PIPELINE = Pipeline.from_json(steps)
+
+
+def _pool_apply(image: np.ndarray) -> np.ndarray:
+    assert _POOL_PIPELINE is not None
+    return _POOL_PIPELINE.apply(image)
+
+
+class PoolMethod:
+    """The plain ``multiprocessing.Pool`` baseline: images pickled to workers and back."""
+
+    def __init__(self, pipeline: Pipeline, workers: int):
+        context = multiprocessing.get_context("forkserver")
+        self.workers = workers
+        self.pool = context.Pool(workers, _pool_start, (pipeline.to_json(),))
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.pool.map(_pool_apply, images, chunksize=1)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.pool.join()
+
+
+def local_runners(
+    s: CompareSettings, images: Sequence[np.ndarray]
+) -> tuple[dict[str, tuple[int, Callable[[], list]]], list[Any]]:
+    """Each local method ready to time: ``{method: (cores, run)}``, and what to close after."""
+    workers = s.workers or default_workers()
+    runners: dict[str, tuple[int, Callable[[], list]]] = {}
+    closers: list[Any] = []
+    for method in s.methods:
+        try:
+            if method == "pool":
+                pool = PoolMethod(s.pipeline, workers)
+                closers.append(pool)
+                runners[method] = (workers, lambda pool=pool: pool(images))
+                continue
+            engine = get_engine(method, 1 if method == "sequential" else workers)
+        except (EngineUnavailable, ImportError) as exc:
+            s.notes.append(f"{method}: not measured here ({describe(exc)})")
+            continue
+        closers.append(engine)
+        cores = 1 if method == "sequential" else engine.workers
+        runners[method] = (cores, lambda engine=engine: run_local(engine, s.pipeline, images))
+    return runners, closers
+
+
+# -- the cluster -------------------------------------------------------------------------------
+
+
+def cluster_rounds(
+    client: Any,
+    s: CompareSettings,
+    images: Sequence[np.ndarray],
+    expected: list[np.ndarray],
+    method: str,
+) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
+    """Time ``repeat`` checked jobs (after one untimed) on one cluster; (samples, one job's
+    ``done`` stats, cores used)."""
+    from .bench import ClusterShape
+
+    info = client.info()
+    shape = ClusterShape.from_info(info, default_workers())
+    rows, stats = [], {}
+    for rnd in range(s.repeat + 1):
+        started = time.perf_counter()
+        result = client.submit(list(images), s.pipeline, tile=s.tile).result(timeout=s.timeout)
+        wall = time.perf_counter() - started
+        if not result.ok:
+            why = "; ".join(f"{c}: {m}" for c, m in result.errors.values()) or result.message
+            raise CompareError(f"{method}: job {result.state}: {why}")
+        exact = all(np.array_equal(a, b) for a, b in zip(result.images, expected))
+        if rnd:
+            rows.append(
+                _sample(method, "cluster", int(info["ranks"]), shape.cores_used, rnd, wall, exact)
+            )
+            stats = result.stats
+    return rows, stats, shape.cores_used
+
+
+def _sample(
+    method: str, kind: str, ranks: int, cores: int, rnd: int, wall: float, exact: bool
+) -> dict[str, Any]:
+    return {"method": method, "kind": kind, "ranks": ranks, "cores": cores, "round": rnd,
+            "wall_s": round(wall, 6), "exact": exact}  # fmt: skip
+
+
+# -- the comparison ----------------------------------------------------------------------------
+
+
+def run_compare(
+    images: Sequence[np.ndarray],
+    names: Sequence[str],
+    s: CompareSettings,
+    progress: Progress = lambda message: None,
+) -> dict[str, Any]:
+    """Measure every method on ``images`` and return samples, summary, findings and the
+    ``done`` stats of one cluster job (for the per-rank plots)."""
+    import cv2
+
+    if not images:
+        raise CompareError("no images to compare")
+    if not 1 <= s.repeat <= 50:
+        raise CompareError(f"repeat must be 1..50; got {s.repeat}")
+    cv2.setNumThreads(1)
+    progress("sequential reference")
+    with get_engine("sequential") as reference_engine:
+        expected = run_local(reference_engine, s.pipeline, images)
+    # The clusters first: the processes engine leaves MPI4PY_RC_INITIALIZE=0 in this
+    # process's environment, which servers started after it would inherit.
+    samples: list[dict[str, Any]] = []
+    job_stats = _measure_clusters(s, images, expected, samples, progress)
+    runners, closers = local_runners(s, images)
+    try:
+        for rnd in range(s.repeat + 1):  # round 0 warms pools and caches; not recorded
+            for method, (cores, run) in runners.items():
+                progress(f"{method}: round {rnd} of {s.repeat}")
+                started = time.perf_counter()
+                outputs = run()
+                wall = time.perf_counter() - started
+                exact = all(np.array_equal(a, b) for a, b in zip(outputs, expected))
+                if rnd:
+                    samples.append(_sample(method, "local", 0, cores, rnd, wall, exact))
+    finally:
+        for closer in closers:
+            closer.close()
+    summary = summarise(samples, len(images))
+    pixels = sum(int(im.shape[0]) * int(im.shape[1]) for im in images)
+    return {
+        "pipeline": [step.spec() for step in s.pipeline.steps],
+        "images": len(images),
+        "names": list(names)[:50],
+        "megapixels": round(pixels / 1e6, 3),
+        "repeat": s.repeat,
+        "ranks_measured": sorted({r["ranks"] for r in summary if r["kind"] == "cluster"}),
+        "samples": samples,
+        "summary": summary,
+        "job_stats": job_stats,
+        "notes": s.notes,
+        "findings": findings(summary, s.notes),
+        "headline": headline(summary),
+    }
+
+
+def _measure_clusters(
+    s: CompareSettings,
+    images: Sequence[np.ndarray],
+    expected: list[np.ndarray],
+    samples: list[dict[str, Any]],
+    progress: Progress,
+) -> dict[str, Any]:
+    """The cluster's samples (appended to ``samples``); the last job's stats of the largest."""
+    from .client import Client
+    from .launch import running_cluster
+
+    job_stats: dict[str, Any] = {}
+    if s.server:
+        progress("cluster: the running one")
+        with Client(s.server, timeout=60.0) as client:
+            ranks = int(client.info()["ranks"])
+            rows, job_stats, _ = cluster_rounds(client, s, images, expected, f"cluster-n{ranks}")
+        samples.extend(rows)
+        return job_stats
+    for ranks in sorted(set(s.ranks)):
+        method = f"cluster-n{ranks}"
+        progress(f"{method}: starting mpiexec -n {ranks}")
+        try:
+            with running_cluster(ranks, "--engine", s.cluster_engine) as cluster:
+                with Client(cluster.address, timeout=60.0) as client:
+                    rows, job_stats, _ = cluster_rounds(client, s, images, expected, method)
+        except (ImgprocError, RuntimeError) as exc:
+            s.notes.append(f"{method}: not measured ({describe(exc)})")
+            continue
+        samples.extend(rows)
+    return job_stats
+
+
+def summarise(samples: Sequence[dict[str, Any]], images: int) -> list[dict[str, Any]]:
+    """Median, min and max per method; speedups against the sequential median."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in samples:
+        by_method.setdefault(row["method"], []).append(row)
+    reference = by_method.get("sequential")
+    ref = median([r["wall_s"] for r in reference]) if reference else None
+    summary = []
+    for method, rows in by_method.items():
+        walls = [r["wall_s"] for r in rows]
+        mid, low, high = median(walls), min(walls), max(walls)
+        cores = rows[0]["cores"]
+        ratio = speedup(ref, mid) if ref else None
+        summary.append({
+            "method": method, "kind": rows[0]["kind"], "ranks": rows[0]["ranks"],
+            "cores": cores, "samples": len(rows), "median_s": mid, "min_s": low, "max_s": high,
+            "speedup": ratio,
+            "speedup_min": speedup(ref, high) if ref else None,
+            "speedup_max": speedup(ref, low) if ref else None,
+            "efficiency": efficiency(ratio, cores) if ratio else None,
+            "images_per_s": images / mid if mid > 0 else None,
+            "exact": all(r["exact"] for r in rows),
+        })  # fmt: skip
+    order = {m: i for i, m in enumerate(LOCAL_METHODS)}
+    summary.sort(key=lambda r: (r["kind"] == "cluster", order.get(r["method"], 0), r["ranks"]))
+    return summary
+
+
+def cluster_speedup(summary: Sequence[dict[str, Any]], ranks: int) -> float:
+    """The measured cluster speedup at ``ranks``; CompareError for a rank count not measured
+    (a comparison reports what it ran, it does not predict)."""
+    for row in summary:
+        if row["kind"] == "cluster" and row["ranks"] == ranks:
+            return row["speedup"]
+    measured = sorted(r["ranks"] for r in summary if r["kind"] == "cluster")
+    raise CompareError(
+        f"-n {ranks} was not measured (measured: {', '.join(map(str, measured)) or 'none'}); "
+        "run compare with --ranks including it instead of extrapolating"
+    )
+
+
+def headline(summary: Sequence[dict[str, Any]]) -> str:
+    """One sentence: the fastest exact method and its speedup."""
+    exact = [r for r in summary if r["exact"] and r["speedup"]]
+    if not exact:
+        return "no exact method was measured"
+    best = max(exact, key=lambda r: r["speedup"])
+    return (
+        f"fastest: {best['method']}, {best['speedup']:.2f}× the sequential engine "
+        f"({best['median_s']:.3f} s median on {best['cores']} cores); every result "
+        + ("equal to the sequential one" if all(r["exact"] for r in summary) else "NOT all equal")
+    )
+
+
+def findings(summary: Sequence[dict[str, Any]], notes: Sequence[str]) -> list[str]:
+    """Sentences from the measured figures: who wins and why, what the cluster's serial
+    fraction looks like at the rank counts measured, what was not measured."""
+    out = []
+    rows = {r["method"]: r for r in summary}
+    for method in ("threads", "processes", "pool"):
+        row = rows.get(method)
+        if row and row["speedup"]:
+            out.append(
+                f"{method}: {row['speedup']:.2f}× on {row['cores']} cores "
+                f"(efficiency {100 * row['efficiency']:.0f} %)."
+            )
+    if rows.get("pool") and rows.get("processes") and rows["processes"]["speedup"]:
+        gain = rows["pool"]["median_s"] / rows["processes"]["median_s"]
+        out.append(
+            f"The processes engine is {gain:.2f}× the plain Pool: it moves pixels through "
+            "shared memory where the Pool pickles every image both ways."
+        )
+    for row in (r for r in summary if r["kind"] == "cluster" and r["speedup"]):
+        serial = karp_flatt(row["speedup"], row["cores"]) if row["cores"] > 1 else None
+        tail = (
+            f"; serial fraction (Karp–Flatt) {serial:.2f}: by Amdahl's law no rank count "
+            f"takes it past {1 / serial:.1f}× on this work"
+            if serial is not None and 0 < serial < 1 and row["speedup"] > 1
+            else "; slower than one process: messages and start-up outweigh the work"
+            if row["speedup"] < 1
+            else ""
+        )
+        out.append(f"{row['method']}: {row['speedup']:.2f}× on {row['cores']} cores{tail}.")
+    measured = sorted(r["ranks"] for r in summary if r["kind"] == "cluster")
+    if measured:
+        out.append(
+            f"The cluster was measured at -n {', '.join(map(str, measured))} only; nothing here "
+            "is extrapolated beyond that."
+        )
+    above = [r["method"] for r in summary if r["efficiency"] and r["efficiency"] > 1.05]
+    if above:
+        out.append(
+            f"Efficiency above 100 % ({', '.join(above)}): the sequential reference ran slower "
+            "than its share (a busy machine, caches); repeat on an idle machine to trust it."
+        )
+    not_exact = [r["method"] for r in summary if not r["exact"]]
+    if not_exact:
+        out.append(f"NOT equal to the sequential output: {', '.join(not_exact)}.")
+    return out + list(notes)
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
+    """CSV, JSON, plots (PNG and SVG), report.md and a self-contained report.html in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [
+        write_csv(result["samples"], SAMPLE_COLUMNS, out / "samples.csv"),
+        write_csv(result["summary"], SUMMARY_COLUMNS, out / "summary.csv"),
+        write_json(result, out / "compare.json"),
+    ]
+    plots = write_plots(result, out)
+    (out / "report.md").write_text(markdown_report(result, [p.name for p in plots]))
+    (out / "report.html").write_text(html_report(result, out, plots))
+    return written + plots + [out / "report.md", out / "report.html"]
+
+
+def write_plots(result: dict[str, Any], out: Path) -> list[Path]:
+    """Time, speedup and efficiency per method with min–max bars; the cluster over the rank
+    counts measured; per-rank utilisation and the task timeline of one cluster job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    summary = result["summary"]
+    written: list[Path] = []
+    for name, key, low, high, label in (
+        ("time", "median_s", "min_s", "max_s", "seconds (median, min–max)"),
+        ("speedup", "speedup", "speedup_min", "speedup_max", "× the sequential engine"),
+        ("efficiency", "efficiency", None, None, "speedup / cores"),
+    ):
+        written += _bars(summary, key, low, high, label, out / name)
+    cluster = sorted((r for r in summary if r["kind"] == "cluster"), key=lambda r: r["ranks"])
+    if len(cluster) > 1:
+        written += _scaling(cluster, out / "cluster_scaling")
+    if result.get("job_stats", {}).get("ranks"):
+        written += plot_job_ranks(result["job_stats"], out)
+    return written
+
+
+def _bars(
+    summary: list, key: str, low: str | None, high: str | None, label: str, stem: Path
+) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in summary if r.get(key) is not None]
+    if not rows:
+        return []
+    values = [r[key] for r in rows]
+    errors = None
+    if low and high:
+        errors = [[v - r[low] for v, r in zip(values, rows)],
+                  [r[high] - v for v, r in zip(values, rows)]]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.4))
+    colours = ["#2563eb" if r["exact"] else "#b42318" for r in rows]
+    ax.barh([r["method"] for r in rows], values, xerr=errors, capsize=4, color=colours)
+    if key in ("speedup", "efficiency"):
+        ax.axvline(1.0, color="#888", linestyle="--", linewidth=1)
+    ax.invert_yaxis()
+    ax.set_xlabel(label)
+    ax.set_title(f"{stem.name} per method (red: not equal to sequential)", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    return _save_both(fig, stem)
+
+
+def _scaling(cluster: list, stem: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    ranks = [r["ranks"] for r in cluster]
+    values = [r["speedup"] for r in cluster]
+    errors = [[v - r["speedup_min"] for v, r in zip(values, cluster)],
+              [r["speedup_max"] - v for v, r in zip(values, cluster)]]  # fmt: skip
+    ax.errorbar(ranks, values, yerr=errors, marker="o", capsize=4, label="measured")
+    ax.set_xticks(ranks)
+    ax.set_xlim(min(ranks) - 0.5, max(ranks) + 0.5)  # only where it was measured
+    ax.set_xlabel("mpiexec -n (ranks; rank 0 serves)")
+    ax.set_ylabel("× the sequential engine")
+    ax.set_title("cluster speedup at the rank counts measured", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save_both(fig, stem)
+
+
+SUMMARY_TABLE = [
+    ("method", "method", str),
+    ("cores", "cores", str),
+    ("median s", "median_s", lambda v: f"{v:.4f}"),
+    ("min–max s", "min_s", None),
+    ("speedup", "speedup", lambda v: "—" if v is None else f"{v:.2f}×"),
+    ("efficiency", "efficiency", lambda v: "—" if v is None else f"{100 * v:.0f} %"),
+    ("images/s", "images_per_s", lambda v: "—" if v is None else f"{v:.1f}"),
+    ("equal", "exact", lambda v: "yes" if v else "**NO**"),
+]
+
+
+def _table_rows(summary: list) -> list[dict[str, Any]]:
+    return [{**r, "min_s": f"{r['min_s']:.4f}–{r['max_s']:.4f}"} for r in summary]
+
+
+def markdown_report(result: dict[str, Any], plots: Sequence[str]) -> str:
+    """The report as Markdown: what ran, the table, the findings, the plots."""
+    columns = [(h, k, fn or str) for h, k, fn in SUMMARY_TABLE]
+    lines = [
+        "# Method comparison",
+        "",
+        f"{result['images']} images ({result['megapixels']} Mpixel) through "
+        f"`{' → '.join(result['pipeline'])}`, {result['repeat']} timed rounds after one "
+        "untimed; medians with min–max. Speedup: the sequential engine's median over the "
+        "method's; efficiency: speedup over the cores the method used. Every output was "
+        "compared with the sequential engine's, bit for bit.",
+        "",
+        f"**{result['headline']}**",
+        "",
+        markdown_table(_table_rows(result["summary"]), columns),
+        "",
+        "## Findings",
+        "",
+        *[f"- {line}" for line in result["findings"]],
+        "",
+    ]
+    images = [p for p in plots if p.endswith(".png")]
+    if images:
+        lines += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in images], ""]
+    return "\n".join(lines)
+
+
+def html_report(result: dict[str, Any], out: Path, plots: Sequence[Path]) -> str:
+    """One HTML page with everything inside: the table, findings and the SVG plots inline."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in SUMMARY_TABLE)
+    body = []
+    for row in _table_rows(result["summary"]):
+        cells = "".join(
+            f"<td>{html.escape((fn or str)(row.get(k)))}</td>" for _, k, fn in SUMMARY_TABLE
+        )
+        body.append(f"<tr>{cells}</tr>")
+    svgs = []
+    for path in plots:
+        if path.suffix == ".svg":
+            text = path.read_text()
+            svgs.append(f"<figure>{text[text.find('<svg'):]}<figcaption>"
+                        f"{html.escape(path.stem)}</figcaption></figure>")  # fmt: skip
+    findings_html = "".join(f"<li>{html.escape(f)}</li>" for f in result["findings"])
+    pipeline = html.escape(" → ".join(result["pipeline"]))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Method comparison</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 1000px;
+  padding: 0 1rem; color: #1d2330; }}
+table {{ border-collapse: collapse; display: block; overflow-x: auto; }}
+th, td {{ border-bottom: 1px solid #d5dae3; padding: .3rem .6rem; text-align: left; }}
+figure {{ margin: 1rem 0; }} figure svg {{ max-width: 100%; height: auto; }}
+</style></head><body>
+<h1>Method comparison</h1>
+<p>{result["images"]} images ({result["megapixels"]} Mpixel) through <code>{pipeline}</code>,
+{result["repeat"]} timed rounds after one untimed; medians with min–max. Every output was
+compared with the sequential engine's, bit for bit.</p>
+<p><strong>{html.escape(result["headline"])}</strong></p>
+<table><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
+<h2>Findings</h2><ul>{findings_html}</ul>
+<h2>Plots</h2>{"".join(svgs)}
+</body></html>
+"""
+
+
+# -- the command -------------------------------------------------------------------------------
+
+
+def load_inputs(folder: str, most: int = 10_000) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """The images of ``folder`` (decoded), their names, and a note per file that failed."""
+    paths, skipped = list_inputs([folder])
+    notes = [f"{p}: skipped ({why})" for p, why in skipped]
+    images, names = [], []
+    for path in paths[:most]:
+        try:
+            images.append(read_image(path))
+            names.append(Path(path).name)
+        except ImgprocError as exc:
+            notes.append(f"{path}: not read ({exc})")
+    return images, names, notes
+
+
+def add_compare_command(sub: argparse._SubParsersAction) -> None:
+    """Register ``mpi-imgproc compare``."""
+    from .cli import add_pipeline_options
+
+    cmd = sub.add_parser(
+        "compare",
+        help="every method (sequential, threads, processes, Pool, GPU, the cluster) on a folder",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    cmd.add_argument("input_dir", metavar="INPUT_DIR", help="a folder of images")
+    add_pipeline_options(cmd)
+    cmd.add_argument("--out", required=True, help="folder for CSV, JSON, plots and reports")
+    cmd.add_argument("--ranks", default="2,3", help="cluster rank counts to start and measure")
+    cmd.add_argument("--repeat", type=int, default=3, help="timed rounds per method")
+    cmd.add_argument("--methods", default=",".join(LOCAL_METHODS), help="local methods")
+    cmd.add_argument("--workers", type=int, default=None, help="workers (default: cores)")
+    cmd.add_argument("--engine", default="threads", help="the cluster ranks' engine")
+    cmd.add_argument("--tile", default="auto", help="the cluster's tile size: auto or pixels")
+    cmd.add_argument("--server", default=None, help="use this running cluster, not --ranks")
+    cmd.set_defaults(func=cmd_compare)
+
+
+def settings_from_args(args: argparse.Namespace) -> CompareSettings:
+    """CompareSettings from the command line, every value checked."""
+    from .cli import pipeline_from_args
+
+    try:
+        ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
+    except ValueError:
+        raise CompareError(
+            f"--ranks must be whole numbers such as 1,2,4; got {args.ranks!r}"
+        ) from None
+    if not ranks or any(not 1 <= r <= 256 for r in ranks):
+        raise CompareError(f"--ranks must be 1..256 each; got {args.ranks!r}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in LOCAL_METHODS]
+    if unknown:
+        raise CompareError(f"unknown --methods {unknown}; choose from {', '.join(LOCAL_METHODS)}")
+    if "sequential" not in methods:
+        methods.insert(0, "sequential")  # the reference of every speedup
+    if args.tile != "auto" and not args.tile.isdigit():
+        raise CompareError(f"--tile must be auto or whole pixels; got {args.tile!r}")
+    tile = args.tile if args.tile == "auto" else int(args.tile)
+    return CompareSettings(
+        pipeline_from_args(args), methods, ranks, args.repeat, args.workers, args.engine, tile,
+        args.server,
+    )  # fmt: skip
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Load the folder, measure every method, write everything, print the headline."""
+    settings = settings_from_args(args)
+    images, names, notes = load_inputs(args.input_dir)
+    settings.notes.extend(notes)
+    if not images:
+        raise CompareError(f"no readable image in {args.input_dir}")
+    result = run_compare(images, names, settings, lambda m: print(f"compare: {m}", flush=True))
+    for path in write_outputs(result, Path(args.out)):
+        print(f"wrote {path}")
+    print(result["headline"])
+    return 0 if all(r["exact"] for r in result["summary"]) else 1
