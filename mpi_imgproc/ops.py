@@ -32,6 +32,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import cv2
@@ -450,9 +451,28 @@ def sharpen(image: np.ndarray, amount: float) -> np.ndarray:
     """Laplacian sharpening: value + amount * (4·value − the four neighbours), saturated."""
     # The integer kernel sums exactly in float32; the fractional amount is applied once, in
     # float64, so SIMD and scalar code paths (and so all tile layouts) round the same way.
+    if image.dtype == np.uint8:  # the same formula, looked up: 2-3x faster
+        detail = cv2.filter2D(image, cv2.CV_16S, _LAPLACE4).reshape(image.shape)
+        index = detail.astype(np.int32)
+        index += _SHARPEN_REACH
+        index <<= 8
+        index += image
+        return _sharpen_table(amount).take(index)
     detail = cv2.filter2D(image, cv2.CV_32F, _LAPLACE4)
     out = image + amount * detail.astype(np.float64).reshape(image.shape)
     return np.clip(np.rint(out), 0, _max_value(image)).astype(image.dtype)
+
+
+_SHARPEN_REACH = 4 * 255  # |4·value − the four neighbours| of an 8-bit image
+
+
+@lru_cache(maxsize=64)
+def _sharpen_table(amount: float) -> np.ndarray:
+    """Every 8-bit result of ``sharpen``'s float64 formula, at ``(detail + 1020) * 256 + value``
+    (an integer detail is exact in 16 bits, and the formula's rounding is kept as it is)."""
+    value = np.arange(256, dtype=np.float64)[None, :]
+    detail = np.arange(-_SHARPEN_REACH, _SHARPEN_REACH + 1, dtype=np.float64)[:, None]
+    return np.clip(np.rint(value + amount * detail), 0, 255).astype(np.uint8).ravel()
 
 
 def _abs_saturate(parts: list[np.ndarray], like: np.ndarray) -> np.ndarray:

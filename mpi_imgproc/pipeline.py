@@ -212,8 +212,11 @@ class Pipeline:
         :mod:`mpi_imgproc.chain`)."""
         from .chain import ChainStage, chainable
 
+        try:
+            shapes = [canonical_shape(tuple(shape)), *self.output_shapes(shape)]
+        except ImgprocError:  # parameters that do not fit: running says so, in step order
+            return self.stages
         stages: list[Stage] = []
-        shapes = [canonical_shape(tuple(shape)), *self.output_shapes(shape)]
         run: list[Step] = []
         start = 0
 

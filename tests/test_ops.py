@@ -159,3 +159,18 @@ def test_threshold_matches_opencv_for_every_type(rng):
 def test_halo_of_chained_ops_adds_up():
     p = Pipeline.parse(["gaussian_blur:ksize=9", "erode:ksize=5,iterations=2", "sobel:ksize=1"])
     assert p.halo == 4 + 4 + 1
+
+
+@pytest.mark.parametrize("amount", [0.0, 0.37, 0.5, 1.0, 2.3, 4.0])
+@pytest.mark.parametrize("shape", [(37, 53), (41, 29, 3), (16, 17, 4)])
+def test_sharpen_looks_up_exactly_what_its_float64_formula_gives(rng, amount, shape):
+    """The 8-bit table path against the formula it stands for, on every value and edge."""
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    image[:4] = 0
+    image[-4:] = 255  # the largest details, both signs
+    detail = cv2.filter2D(
+        image, cv2.CV_32F, np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], np.float32)
+    )
+    expected = np.clip(np.rint(image + amount * detail.astype(np.float64).reshape(shape)), 0, 255)
+    got = get_op("sharpen").run(image, {"amount": amount})
+    assert got.dtype == np.uint8 and np.array_equal(got, expected.astype(np.uint8))
