@@ -6,11 +6,19 @@ Run: ``python benchmarks/bench_large.py [--size 16000] [--ranks 3]`` (``--size 4
 4.8 GB case; its whole-image reference needs about 40 GB of memory, so above ``--check-max``
 pixels the check compares sample windows far from each other, computed whole on a crop that
 contains their full halo).
+
+``--task libvips`` runs the libvips benchmark's task instead, in one run, three ways: a
+10000x10000 JPEG, crop 100 px off every side, resize to 90 % (linear), 3x3 sharpen, save as
+JPEG (quality 95 everywhere) — by pyvips (``pip install pyvips[binary]``), by OpenCV in one
+process with 2 threads, and by the cluster by reference (``submit --by-reference``); wall time
+and peak RSS of each, as ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -107,12 +115,105 @@ def check(root: Path, size: int, check_max: int) -> str:
     return "5 windows of 256x256"
 
 
+LIBVIPS_OPS = ["crop:x=100,y=100,width=9800,height=9800", "resize:scale=0.9,interpolation=linear",
+               "sharpen"]  # fmt: skip
+PYVIPS_TASK = """
+import pyvips, sys
+im = pyvips.Image.new_from_file(sys.argv[1], access="sequential")
+im = im.crop(100, 100, im.width - 200, im.height - 200).resize(0.9, kernel="linear")
+mask = pyvips.Image.new_from_array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]], scale=1)
+im.conv(mask, precision="integer").write_to_file(sys.argv[2], Q=95)
+"""
+OPENCV_TASK = """
+import cv2, numpy as np, sys
+cv2.setNumThreads(2)
+im = cv2.imread(sys.argv[1])[100:-100, 100:-100]
+im = cv2.resize(im, None, fx=0.9, fy=0.9, interpolation=cv2.INTER_LINEAR_EXACT)
+mask = np.array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]], np.float32)
+cv2.imwrite(sys.argv[2], cv2.filter2D(im, -1, mask))
+"""
+
+
+def write_jpeg(path: Path, size: int) -> None:
+    """A size x size photo-like JPEG: smooth colour fields, edges and mild noise."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 60, size, dtype=np.float32)
+    rows = []
+    for y0 in range(0, size, 1000):
+        y = x[y0 : y0 + 1000, None]
+        base = np.stack([128 + 60 * np.sin(x[None, :] + y), 128 + 60 * np.cos(y * 0.7) + 0 * x,
+                         (x[None, :] + y) * 2.1], axis=-1)  # fmt: skip
+        rows.append((base + rng.normal(0, 6, base.shape)).clip(0, 255).astype(np.uint8))
+    cv2.imwrite(str(path), np.concatenate(rows), [cv2.IMWRITE_JPEG_QUALITY, 90])
+
+
+def timed_process(code: str, *args: str) -> tuple[float, float]:
+    """(seconds, peak RSS in MiB, sampled every 20 ms) of ``python -c code args``."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code, *args])
+    watched, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, watched.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{code.split()[1]} task failed with status {proc.returncode}")
+    return time.perf_counter() - started, peak / 2**20
+
+
+def libvips_task(ranks: int, repeat: int) -> None:
+    """The libvips benchmark's task three ways, best of ``repeat`` each, one run."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:
+        root = Path(folder)
+        write_jpeg(root / "in.jpg", 10000)
+        (root / "out").mkdir()
+        vips = min(timed_process(PYVIPS_TASK, str(root / "in.jpg"), str(root / "v.jpg"))
+                   for _ in range(repeat))  # fmt: skip
+        opencv = min(timed_process(OPENCV_TASK, str(root / "in.jpg"), str(root / "o.jpg"))
+                     for _ in range(repeat))  # fmt: skip
+        with running_cluster(ranks, "--data-root", str(root)) as cluster:
+            runs = []
+            for _ in range(repeat):
+                peaks = PeakRss(cluster, cluster.rank0_pid)
+                with Client(cluster.address, timeout=60) as client:
+                    started = time.perf_counter()
+                    job = client.submit_paths(["in.jpg"], LIBVIPS_OPS, "out", overwrite=True)
+                    result = job.result(timeout=600)
+                    runs.append((time.perf_counter() - started, peaks.stop(), result.stats))
+                if result.state != "done" or result.errors:
+                    raise RuntimeError(f"job {result.state}: {result.message or result.errors}")
+        seconds, rss, stats = min(runs, key=lambda r: r[0])
+    size = (root / "in.jpg").stat().st_size if root.exists() else 0
+    print(f"libvips task (10000x10000 JPEG{f', {size / 1e6:.0f} MB' if size else ''}, "
+          f"{' -> '.join(LIBVIPS_OPS)}, JPEG out), best of {repeat}:")  # fmt: skip
+    peak = max(rss["rank0"], *rss["workers"])
+    print(f"  pyvips          {vips[0]:6.2f} s  peak {vips[1]:5.0f} MiB")
+    print(f"  OpenCV 2 thr.   {opencv[0]:6.2f} s  peak {opencv[1]:5.0f} MiB")
+    workers = ", ".join(f"{v:.0f}" for v in rss["workers"])
+    print(f"  cluster -n {ranks}    {seconds:6.2f} s  rank 0 {rss['rank0']:.0f} MiB, "
+          f"workers {workers} MiB")  # fmt: skip
+    print(f"  cluster / pyvips {seconds / vips[0]:.2f}x time, {peak / vips[1]:.2f}x peak memory "
+          f"per rank; cluster / OpenCV {seconds / opencv[0]:.2f}x")  # fmt: skip
+    times = {k: v for k, v in stats.items() if isinstance(v, float) and v >= 0.005}
+    print("  cluster stats: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
+    print(f"  paths: {stats.get('paths')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=["memory", "libvips"], default="memory")
     parser.add_argument("--size", type=int, default=16000)
     parser.add_argument("--ranks", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--check-max", type=int, default=20000 * 20000)
     args = parser.parse_args()
+    if args.task == "libvips":
+        libvips_task(args.ranks, args.repeat)
+        return
     with tempfile.TemporaryDirectory(dir="/tmp") as folder:
         root = Path(folder)
         write_input(root / "in.tif", args.size)
