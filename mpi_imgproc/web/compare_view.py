@@ -35,7 +35,7 @@ class Comparison:
     """One comparison: its state, the line it is on, its result and its folder."""
 
     def __init__(self, folder: Path):
-        self.id = secrets.token_urlsafe(9)
+        self.id = secrets.token_urlsafe(12)
         self.folder = folder
         self.state, self.progress, self.message = "running", "starting", None
         self.result: dict[str, Any] | None = None

@@ -225,6 +225,9 @@ function startJob(job, t0) {
   });
   source.addEventListener("result", (e) => {
     const r = JSON.parse(e.data);
+    if (window.mpiTimings.resultEvent === undefined) {
+      window.mpiTimings.resultEvent = performance.now() - t0;
+    }
     const card = results.children[r.index];
     const after = card.querySelector("img.after");
     after.addEventListener("load", () => {
@@ -232,6 +235,7 @@ function startJob(job, t0) {
         window.mpiTimings.firstResult = performance.now() - t0;
       }
       card.dataset.state = "done";
+      showBefore(card);
     }, { once: true });
     after.src = r.url;
     card.querySelector(".links").replaceChildren(...["png", "jpg", "tif"].map((f) =>
@@ -244,6 +248,7 @@ function startJob(job, t0) {
     const card = results.children[r.index];
     card.classList.add("failed");
     card.dataset.state = "failed";
+    showBefore(card);
     card.querySelector(".status").textContent = `${r.code}: ${r.message}`;
     card.querySelector(".status").className = "status error";
   });
@@ -269,20 +274,31 @@ function startJob(job, t0) {
 }
 
 function resultCard(job, file, i) {
-  const before = el("img", { class: "before", alt: `${file.name} before` });
-  before.src = displayable(file) ? URL.createObjectURL(file) : `/api/jobs/${job}/inputs/${i}`;
+  // The after image sets the box's size and shows as soon as it has loaded; the before image
+  // lies over its left part.  The before image is decoded only once the result is there (or
+  // the image failed): decoding a large input in the page would take the cores the cluster
+  // is computing on.
   const after = el("img", { class: "after", alt: `${file.name} after`, "data-index": i });
-  const wrap = el("div", { class: "after-wrap" }, after);
+  const before = el("img", { class: "before", alt: `${file.name} before` });
+  before.dataset.src = displayable(file) ? URL.createObjectURL(file) : `/api/jobs/${job}/inputs/${i}`;
+  const wrap = el("div", { class: "before-wrap" }, before);
   const slider = el("input", { type: "range", min: 0, max: 100, value: 50,
     "aria-label": "before / after" });
-  slider.addEventListener("input", () => { wrap.style.clipPath = `inset(0 0 0 ${slider.value}%)`; });
+  slider.addEventListener("input", () => {
+    wrap.style.clipPath = `inset(0 ${100 - slider.value}% 0 0)`;
+  });
   return el("div", { class: "card", "data-index": i },
     el("h3", { text: file.name }),
-    el("div", { class: "compare-box" }, before, wrap),
+    el("div", { class: "compare-box" }, after, wrap),
     slider,
     el("p", { class: "note", text: "left: before · right: after" }),
     el("p", { class: "status note", text: "waiting" }),
     el("div", { class: "links" }));
+}
+
+function showBefore(card) {
+  const before = card.querySelector("img.before");
+  if (!before.getAttribute("src")) before.src = before.dataset.src;
 }
 
 // Per-rank utilisation and the job's stage times, from its `done` stats.
@@ -312,7 +328,9 @@ async function refreshCluster() {
   catch (err) { $("#cluster-summary").textContent = err.message; return; }
   const info = view.info;
   const hosts = Object.entries(info.hosts || {}).map(([h, n]) => `${h} (${n})`).join(", ");
-  const queue = info.queue ? ` · queue ${JSON.stringify(info.queue)}` : "";
+  const q = info.queue || {};
+  const queue = info.queue ? ` · now: ${q.jobs} jobs, ${q.tasks_in_flight} tasks in flight, ` +
+    `${q.tasks_queued} queued, ${q.workers_alive} workers alive` : "";
   $("#cluster-summary").textContent =
     `${info.ranks} ranks, ${info.workers} workers on ${hosts}; engine ${info.engine} ×${info.workers_per_rank}${queue}`;
   $("#window-s").textContent = view.window_s;
@@ -333,7 +351,10 @@ async function refreshCluster() {
         text: `job ${job.job}: ${f.tiles} tiles, busy ${fmt(f.busy_s)} s of ${fmt(span)} s` });
     }
   }
-  $("#task-stream").replaceChildren(timeline("", lanes, view.now - 120, view.now, view.now));
+  // The window shows the recent jobs at a readable scale: 10 s at least, 120 s at most.
+  const earliest = Math.min(view.now - 10, ...view.stream.map((j) => j.start));
+  const t0 = Math.max(view.now - 120, earliest - 0.05 * (view.now - earliest));
+  $("#task-stream").replaceChildren(timeline("", lanes, t0, view.now, view.now));
 }
 
 // -- compare ----------------------------------------------------------------------------------
