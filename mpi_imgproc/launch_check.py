@@ -41,7 +41,7 @@ def launcher_mismatch(world_size: int, environ: Mapping[str, str]) -> tuple[str,
         started = environ.get(size_name, "")
         if started.isdigit() and int(started) > 1:
             first = environ.get(rank_name, "0") == "0"
-            library = " ".join(MPI.Get_library_version().split("\n")[0].split())
+            library = " ".join(MPI.Get_library_version().replace("\0", "").split("\n")[0].split())
             reason = (
                 f"{launcher} started {started} processes ({size_name}={started}) but MPI sees "
                 f"one: mpi4py uses {library}; {remedy}, {REBUILD}"

@@ -272,7 +272,7 @@ def versions() -> dict[str, str]:
     return {
         "mpi_imgproc": __version__,
         "protocol": str(VERSION),
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi": MPI.Get_library_version().replace("\0", "").splitlines()[0].strip(),  # Open MPI: NUL
         "mpi4py": mpi4py.__version__,
         "numpy": np.__version__,
         "opencv": cv2.__version__,
