@@ -8,10 +8,18 @@ Methods, all on the same images and pipeline, in the same run:
 ``processes``      the ``processes`` engine (shared memory, forkserver)
 ``pool``           a plain ``multiprocessing.Pool.map`` of ``Pipeline.apply`` over the images,
                    pickled both ways: the baseline a user would write first
+``opencv``         the bare OpenCV call in a loop, one thread, where the pipeline is one op
+                   that maps to one call (what the package adds on top of the library)
 ``gpu``            the ``gpu`` engine, where CuPy and a device are there
 ``cluster-nN``     ``mpiexec -n N`` servers started here (or one running cluster for the web
                    page), fed through the :class:`~mpi_imgproc.client.Client`
+``batch-nN``       with ``--batch``: ``mpiexec -n N python -m mpi_imgproc.batch`` over the
+                   files, start-up included
 =================  ==========================================================================
+
+With ``--io`` (implied by ``--batch``) every method's timing includes reading the input files
+and writing its outputs (in the inputs' formats, to a scratch folder): the batch-throughput
+question.  Without it the images are decoded once and the methods time the pixels' work.
 
 Every method runs once untimed (pools started, caches warm) and then ``repeat`` timed rounds;
 local methods' rounds are interleaved, so a slow spell on a shared machine hits all of them.
@@ -29,6 +37,9 @@ from __future__ import annotations
 import argparse
 import html
 import multiprocessing
+import shutil
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,14 +49,14 @@ from typing import Any
 import numpy as np
 
 from .errors import EngineUnavailable, ImgprocError, describe
-from .imageio import list_inputs, read_image
+from .imageio import decode, encode, list_inputs, output_path, read_image, write_atomic, write_image
 from .local_engines import default_workers, get_engine
 from .metrics import efficiency, karp_flatt, median, speedup
 from .pipeline import Pipeline, ReduceStage
 from .report import _save_both, markdown_table, plot_job_ranks, write_csv, write_json
 from .tiling import run_pipeline
 
-LOCAL_METHODS = ("sequential", "threads", "processes", "pool", "gpu")
+LOCAL_METHODS = ("sequential", "threads", "processes", "pool", "opencv", "gpu")
 SAMPLE_COLUMNS = ["method", "kind", "ranks", "cores", "round", "wall_s", "exact"]
 SUMMARY_COLUMNS = [
     "method", "kind", "ranks", "cores", "samples", "median_s", "min_s", "max_s", "speedup",
@@ -76,11 +87,88 @@ class CompareSettings:
     cluster_engine: str = "threads"
     tile: int | str = "auto"
     server: str | None = None
+    batch: bool = False
     timeout: float = 600.0
     notes: list[str] = field(default_factory=list)
 
 
 Progress = Callable[[str], None]
+
+
+# -- what is measured --------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """The images of a comparison; with ``paths`` (``--io``) every method also reads them
+    and writes its outputs under ``scratch`` inside its timing."""
+
+    images: list[np.ndarray]
+    names: list[str]
+    paths: list[Path] | None = None
+    scratch: Path | None = None
+    _rounds: int = 0
+
+    @property
+    def io(self) -> bool:
+        """Methods read and write files."""
+        return self.paths is not None
+
+    def folder(self, method: str) -> Path:
+        """A fresh output folder for one round of ``method`` (the previous one removed)."""
+        assert self.scratch is not None
+        for old in self.scratch.glob(f"{method}.*"):
+            shutil.rmtree(old, ignore_errors=True)
+        self._rounds += 1
+        folder = self.scratch / f"{method}.{self._rounds}"
+        folder.mkdir(parents=True)
+        return folder
+
+    def target(self, index: int, folder: Path) -> Path:
+        """Where image ``index``'s output goes in ``folder`` (its input's name and format)."""
+        assert self.paths is not None
+        return output_path(self.paths[index], folder, "same")
+
+
+Outcome = list[np.ndarray] | Path  # outputs in memory, or the folder they were written to
+Runner = Callable[[], Outcome]
+
+
+@dataclass
+class Method:
+    """One way to run the workload: its name, kind, cores used and the call to time."""
+
+    name: str
+    kind: str
+    ranks: int
+    cores: int
+    run: Runner
+
+
+class Reference:
+    """The sequential engine's outputs, and (``--io``) those outputs as their files decode."""
+
+    def __init__(self, work: Workload, pipeline: Pipeline):
+        with get_engine("sequential") as engine:
+            self.outputs = run_local(engine, pipeline, work.images)
+        self.files: list[np.ndarray] = []
+        if work.io:
+            assert work.paths is not None
+            self.files = [
+                decode(encode(out, path.suffix)) for out, path in zip(self.outputs, work.paths)
+            ]
+        self.work = work
+
+    def equal(self, outcome: Outcome) -> bool:
+        """Every output of ``outcome`` equals the reference, bit for bit."""
+        if isinstance(outcome, Path):
+            return all(
+                np.array_equal(read_image(self.work.target(i, outcome)), expected)
+                for i, expected in enumerate(self.files)
+            )
+        return len(outcome) == len(self.outputs) and all(
+            np.array_equal(a, b) for a, b in zip(outcome, self.outputs)
+        )
 
 
 # -- local methods -----------------------------------------------------------------------------
@@ -114,8 +202,14 @@ def _pool_apply(image: np.ndarray) -> np.ndarray:
     return _POOL_PIPELINE.apply(image)
 
 
+def _pool_file(paths: tuple[Path, Path]) -> None:
+    assert _POOL_PIPELINE is not None
+    write_image(paths[1], _POOL_PIPELINE.apply(read_image(paths[0])))
+
+
 class PoolMethod:
-    """The plain ``multiprocessing.Pool`` baseline: images pickled to workers and back."""
+    """The plain ``multiprocessing.Pool`` baseline: images pickled to workers and back, or
+    (``--io``) each worker reading and writing its files itself."""
 
     def __init__(self, pipeline: Pipeline, workers: int):
         context = multiprocessing.get_context("forkserver")
@@ -125,73 +219,163 @@ class PoolMethod:
     def __call__(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         return self.pool.map(_pool_apply, images, chunksize=1)
 
+    def files(self, work: Workload) -> Path:
+        """Every file of ``work`` read, processed and written by the workers."""
+        assert work.paths is not None
+        folder = work.folder("pool")
+        pairs = [(p, work.target(i, folder)) for i, p in enumerate(work.paths)]
+        self.pool.map(_pool_file, pairs, chunksize=max(1, len(pairs) // (4 * self.workers)))
+        return folder
+
     def close(self) -> None:
         self.pool.close()
         self.pool.join()
 
 
-def local_runners(
-    s: CompareSettings, images: Sequence[np.ndarray]
-) -> tuple[dict[str, tuple[int, Callable[[], list]]], list[Any]]:
-    """Each local method ready to time: ``{method: (cores, run)}``, and what to close after."""
+def _with_files(work: Workload, method: str, fn: Callable[[list], list]) -> Runner:
+    """``fn`` over the images, with reading the inputs and writing the outputs timed too."""
+
+    def run() -> Path:
+        assert work.paths is not None
+        folder = work.folder(method)
+        outputs = fn([read_image(p) for p in work.paths])
+        for i, out in enumerate(outputs):
+            write_image(work.target(i, folder), out)
+        return folder
+
+    return run
+
+
+def _opencv_call(pipeline: Pipeline) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The bare OpenCV call of a one-op pipeline (the bench's list), or None."""
+    from .bench import _plain_opencv
+
+    return _plain_opencv("+".join(step.spec() for step in pipeline.steps))
+
+
+def local_methods(s: CompareSettings, work: Workload) -> tuple[list[Method], list[Any]]:
+    """Each local method ready to time, and what to close afterwards."""
+    from .bench import _opencv_loop
+
     workers = s.workers or default_workers()
-    runners: dict[str, tuple[int, Callable[[], list]]] = {}
+    methods: list[Method] = []
     closers: list[Any] = []
-    for method in s.methods:
+    for name in s.methods:
         try:
-            if method == "pool":
-                pool = PoolMethod(s.pipeline, workers)
-                closers.append(pool)
-                runners[method] = (workers, lambda pool=pool: pool(images))
-                continue
-            engine = get_engine(method, 1 if method == "sequential" else workers)
-        except (EngineUnavailable, ImportError) as exc:
-            s.notes.append(f"{method}: not measured here ({describe(exc)})")
+            fn, cores, pool = _local_fn(name, s, workers, closers)
+        except (EngineUnavailable, ImportError, CompareError) as exc:
+            s.notes.append(f"{name}: not measured here ({describe(exc)})")
             continue
-        closers.append(engine)
-        cores = 1 if method == "sequential" else engine.workers
-        runners[method] = (cores, lambda engine=engine: run_local(engine, s.pipeline, images))
-    return runners, closers
+        if name == "opencv":
+            call = _opencv_call(s.pipeline)
+            fn = lambda images, call=call: _opencv_loop(call, images)  # noqa: E731
+        if work.io:
+            run = (lambda pool=pool: pool.files(work)) if pool else _with_files(work, name, fn)
+        else:
+            run = lambda fn=fn: fn(work.images)  # noqa: E731
+        methods.append(Method(name, "local", 0, cores, run))
+    return methods, closers
 
 
-# -- the cluster -------------------------------------------------------------------------------
+def _local_fn(
+    name: str, s: CompareSettings, workers: int, closers: list[Any]
+) -> tuple[Callable[[list], list], int, PoolMethod | None]:
+    """(the function over images, cores it uses, the Pool if it is the Pool)."""
+    if name == "pool":
+        pool = PoolMethod(s.pipeline, workers)
+        closers.append(pool)
+        return pool, workers, pool
+    if name == "opencv":
+        if _opencv_call(s.pipeline) is None:
+            raise CompareError("the pipeline is not one op with a single OpenCV call")
+        return list, 1, None
+    engine = get_engine(name, 1 if name == "sequential" else workers)
+    closers.append(engine)
+    cores = 1 if name == "sequential" else engine.workers
+    return (lambda images: run_local(engine, s.pipeline, images)), cores, None
 
 
-def cluster_rounds(
-    client: Any,
-    s: CompareSettings,
-    images: Sequence[np.ndarray],
-    expected: list[np.ndarray],
-    method: str,
-) -> tuple[list[dict[str, Any]], dict[str, Any], int]:
-    """Time ``repeat`` checked jobs (after one untimed) on one cluster; (samples, one job's
-    ``done`` stats, cores used)."""
+# -- the cluster and batch mode ----------------------------------------------------------------
+
+
+def cluster_method(client: Any, s: CompareSettings, work: Workload) -> Method:
+    """Jobs through a running cluster: raw pixels both ways, or (``--io``) the files' bytes
+    up and the encoded results written to files by the client."""
     from .bench import ClusterShape
 
     info = client.info()
     shape = ClusterShape.from_info(info, default_workers())
-    rows, stats = [], {}
-    for rnd in range(s.repeat + 1):
-        started = time.perf_counter()
-        result = client.submit(list(images), s.pipeline, tile=s.tile).result(timeout=s.timeout)
-        wall = time.perf_counter() - started
+    name = f"cluster-n{info['ranks']}"
+
+    def in_memory() -> list[np.ndarray]:
+        result = client.submit(work.images, s.pipeline, tile=s.tile).result(timeout=s.timeout)
         if not result.ok:
-            why = "; ".join(f"{c}: {m}" for c, m in result.errors.values()) or result.message
-            raise CompareError(f"{method}: job {result.state}: {why}")
-        exact = all(np.array_equal(a, b) for a, b in zip(result.images, expected))
-        if rnd:
-            rows.append(
-                _sample(method, "cluster", int(info["ranks"]), shape.cores_used, rnd, wall, exact)
-            )
-            stats = result.stats
-    return rows, stats, shape.cores_used
+            raise CompareError(f"{name}: job {result.state}: {_errors(result.errors)}")
+        return result.images
+
+    def with_files() -> Path:
+        assert work.paths is not None
+        folder = work.folder(name)
+        job = client.submit(work.paths, s.pipeline, tile=s.tile, result="same")
+        for event in job.events(timeout=s.timeout):
+            if event.type == "image_error":
+                raise CompareError(f"{name}: {event.header['code']}: {event.header['message']}")
+            if event.type == "result":
+                write_atomic(work.target(event.header["index"], folder), event.frames[0])
+            if event.type == "done" and event.header["state"] != "done":
+                raise CompareError(f"{name}: job {event.header['state']}")
+        return folder
+
+    run = with_files if work.io else in_memory
+    return Method(name, "cluster", int(info["ranks"]), shape.cores_used, run)
 
 
-def _sample(
-    method: str, kind: str, ranks: int, cores: int, rnd: int, wall: float, exact: bool
-) -> dict[str, Any]:
-    return {"method": method, "kind": kind, "ranks": ranks, "cores": cores, "round": rnd,
-            "wall_s": round(wall, 6), "exact": exact}  # fmt: skip
+def batch_method(s: CompareSettings, work: Workload, ranks: int) -> Method:
+    """``mpiexec -n RANKS python -m mpi_imgproc.batch`` over the files, start-up included
+    (what a user waits for)."""
+    from .launch import mpi_command
+
+    assert work.paths is not None
+    name = f"batch-n{ranks}"
+    ops = [arg for step in s.pipeline.steps for arg in ("--op", step.spec())]
+    inputs = [arg for path in work.paths for arg in ("--input", str(path))]
+
+    def run() -> Path:
+        folder = work.folder(name)
+        cmd = mpi_command(ranks, "mpi_imgproc.batch", *inputs, "--output", str(folder), *ops)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=s.timeout)
+        if done.returncode != 0:
+            raise CompareError(f"{name}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
+        return folder
+
+    return Method(name, "batch", ranks, default_workers() if ranks > 1 else 1, run)
+
+
+def _errors(errors: dict[int, tuple[str, str]]) -> str:
+    return "; ".join(dict.fromkeys(f"{c}: {m}" for c, m in errors.values())) or "no reason"
+
+
+def _sample(method: Method, rnd: int, wall: float, exact: bool) -> dict[str, Any]:
+    return {"method": method.name, "kind": method.kind, "ranks": method.ranks,
+            "cores": method.cores, "round": rnd, "wall_s": round(wall, 6),
+            "exact": exact}  # fmt: skip
+
+
+def time_rounds(
+    methods: Sequence[Method], reference: Reference, repeat: int, progress: Progress
+) -> list[dict[str, Any]]:
+    """One untimed round, then ``repeat`` timed ones, methods interleaved in each round."""
+    samples = []
+    for rnd in range(repeat + 1):
+        for method in methods:
+            progress(f"{method.name}: round {rnd} of {repeat}")
+            started = time.perf_counter()
+            outcome = method.run()
+            wall = time.perf_counter() - started
+            exact = reference.equal(outcome)
+            if rnd:
+                samples.append(_sample(method, rnd, wall, exact))
+    return samples
 
 
 # -- the comparison ----------------------------------------------------------------------------
@@ -202,9 +386,10 @@ def run_compare(
     names: Sequence[str],
     s: CompareSettings,
     progress: Progress = lambda message: None,
+    paths: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
-    """Measure every method on ``images`` and return samples, summary, findings and the
-    ``done`` stats of one cluster job (for the per-rank plots)."""
+    """Measure every method on ``images`` (read from ``paths`` by each method when given)
+    and return samples, summary, findings and one cluster job's ``done`` stats."""
     import cv2
 
     if not images:
@@ -212,27 +397,21 @@ def run_compare(
     if not 1 <= s.repeat <= 50:
         raise CompareError(f"repeat must be 1..50; got {s.repeat}")
     cv2.setNumThreads(1)
-    progress("sequential reference")
-    with get_engine("sequential") as reference_engine:
-        expected = run_local(reference_engine, s.pipeline, images)
-    # The clusters first: the processes engine leaves MPI4PY_RC_INITIALIZE=0 in this
-    # process's environment, which servers started after it would inherit.
-    samples: list[dict[str, Any]] = []
-    job_stats = _measure_clusters(s, images, expected, samples, progress)
-    runners, closers = local_runners(s, images)
-    try:
-        for rnd in range(s.repeat + 1):  # round 0 warms pools and caches; not recorded
-            for method, (cores, run) in runners.items():
-                progress(f"{method}: round {rnd} of {s.repeat}")
-                started = time.perf_counter()
-                outputs = run()
-                wall = time.perf_counter() - started
-                exact = all(np.array_equal(a, b) for a, b in zip(outputs, expected))
-                if rnd:
-                    samples.append(_sample(method, "local", 0, cores, rnd, wall, exact))
-    finally:
-        for closer in closers:
-            closer.close()
+    with tempfile.TemporaryDirectory(prefix="mpi-imgproc-compare-") as scratch:
+        work = Workload(list(images), list(names))
+        if paths is not None:
+            work.paths, work.scratch = [Path(p) for p in paths], Path(scratch)
+        progress("sequential reference")
+        reference = Reference(work, s.pipeline)
+        # The clusters first: the processes engine leaves MPI4PY_RC_INITIALIZE=0 in this
+        # process's environment, which servers started after it would inherit.
+        samples, job_stats = _measure_clusters(s, work, reference, progress)
+        methods, closers = local_methods(s, work)
+        try:
+            samples += time_rounds(methods, reference, s.repeat, progress)
+        finally:
+            for closer in closers:
+                closer.close()
     summary = summarise(samples, len(images))
     pixels = sum(int(im.shape[0]) * int(im.shape[1]) for im in images)
     return {
@@ -241,6 +420,7 @@ def run_compare(
         "names": list(names)[:50],
         "megapixels": round(pixels / 1e6, 3),
         "repeat": s.repeat,
+        "io": work.io,
         "ranks_measured": sorted({r["ranks"] for r in summary if r["kind"] == "cluster"}),
         "samples": samples,
         "summary": summary,
@@ -252,36 +432,41 @@ def run_compare(
 
 
 def _measure_clusters(
-    s: CompareSettings,
-    images: Sequence[np.ndarray],
-    expected: list[np.ndarray],
-    samples: list[dict[str, Any]],
-    progress: Progress,
-) -> dict[str, Any]:
-    """The cluster's samples (appended to ``samples``); the last job's stats of the largest."""
+    s: CompareSettings, work: Workload, reference: Reference, progress: Progress
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Samples of the cluster at each rank count (and batch mode with ``s.batch``), and the
+    ``done`` stats of one job on the largest cluster measured."""
     from .client import Client
     from .launch import running_cluster
 
+    samples: list[dict[str, Any]] = []
     job_stats: dict[str, Any] = {}
     if s.server:
         progress("cluster: the running one")
         with Client(s.server, timeout=60.0) as client:
-            ranks = int(client.info()["ranks"])
-            rows, job_stats, _ = cluster_rounds(client, s, images, expected, f"cluster-n{ranks}")
-        samples.extend(rows)
-        return job_stats
+            samples += time_rounds([cluster_method(client, s, work)], reference, s.repeat,
+                                   progress)  # fmt: skip
+            job_stats = _one_job(client, s, work)
+        return samples, job_stats
     for ranks in sorted(set(s.ranks)):
-        method = f"cluster-n{ranks}"
-        progress(f"{method}: starting mpiexec -n {ranks}")
+        progress(f"cluster-n{ranks}: starting mpiexec -n {ranks}")
         try:
             with running_cluster(ranks, "--engine", s.cluster_engine) as cluster:
                 with Client(cluster.address, timeout=60.0) as client:
-                    rows, job_stats, _ = cluster_rounds(client, s, images, expected, method)
-        except (ImgprocError, RuntimeError) as exc:
-            s.notes.append(f"{method}: not measured ({describe(exc)})")
-            continue
-        samples.extend(rows)
-    return job_stats
+                    method = cluster_method(client, s, work)
+                    samples += time_rounds([method], reference, s.repeat, progress)
+                    job_stats = _one_job(client, s, work)
+            if s.batch:
+                samples += time_rounds([batch_method(s, work, ranks)], reference, s.repeat,
+                                       progress)  # fmt: skip
+        except (ImgprocError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            s.notes.append(f"-n {ranks}: not measured ({describe(exc)})")
+    return samples, job_stats
+
+
+def _one_job(client: Any, s: CompareSettings, work: Workload) -> dict[str, Any]:
+    """The ``done`` stats of one more job of the workload's images (for the per-rank plots)."""
+    return client.submit(work.images, s.pipeline, tile=s.tile).result(timeout=s.timeout).stats
 
 
 def summarise(samples: Sequence[dict[str, Any]], images: int) -> list[dict[str, Any]]:
@@ -308,7 +493,9 @@ def summarise(samples: Sequence[dict[str, Any]], images: int) -> list[dict[str, 
             "exact": all(r["exact"] for r in rows),
         })  # fmt: skip
     order = {m: i for i, m in enumerate(LOCAL_METHODS)}
-    summary.sort(key=lambda r: (r["kind"] == "cluster", order.get(r["method"], 0), r["ranks"]))
+    summary.sort(
+        key=lambda r: (r["kind"] != "local", r["ranks"], r["kind"], order.get(r["method"], 0))
+    )
     return summary
 
 
@@ -350,13 +537,15 @@ def findings(summary: Sequence[dict[str, Any]], notes: Sequence[str]) -> list[st
                 f"{method}: {row['speedup']:.2f}× on {row['cores']} cores "
                 f"(efficiency {100 * row['efficiency']:.0f} %)."
             )
-    if rows.get("pool") and rows.get("processes") and rows["processes"]["speedup"]:
+    if rows.get("pool") and rows.get("processes"):
         gain = rows["pool"]["median_s"] / rows["processes"]["median_s"]
         out.append(
-            f"The processes engine is {gain:.2f}× the plain Pool: it moves pixels through "
-            "shared memory where the Pool pickles every image both ways."
+            f"The processes engine ran in {1 / gain:.2f}× the plain Pool's time: it moves "
+            "pixels through shared memory where the Pool pickles every image both ways, but "
+            "its parent copies each image in and out, and on few cores those copies take "
+            "the cores the children compute on."
         )
-    for row in (r for r in summary if r["kind"] == "cluster" and r["speedup"]):
+    for row in (r for r in summary if r["kind"] != "local" and r["speedup"]):
         serial = karp_flatt(row["speedup"], row["cores"]) if row["cores"] > 1 else None
         tail = (
             f"; serial fraction (Karp–Flatt) {serial:.2f}: by Amdahl's law no rank count "
@@ -367,7 +556,7 @@ def findings(summary: Sequence[dict[str, Any]], notes: Sequence[str]) -> list[st
             else ""
         )
         out.append(f"{row['method']}: {row['speedup']:.2f}× on {row['cores']} cores{tail}.")
-    measured = sorted(r["ranks"] for r in summary if r["kind"] == "cluster")
+    measured = sorted({r["ranks"] for r in summary if r["kind"] != "local"})
     if measured:
         out.append(
             f"The cluster was measured at -n {', '.join(map(str, measured))} only; nothing here "
@@ -554,18 +743,23 @@ compared with the sequential engine's, bit for bit.</p>
 # -- the command -------------------------------------------------------------------------------
 
 
-def load_inputs(folder: str, most: int = 10_000) -> tuple[list[np.ndarray], list[str], list[str]]:
-    """The images of ``folder`` (decoded), their names, and a note per file that failed."""
-    paths, skipped = list_inputs([folder])
+def load_inputs(
+    folder: str, most: int = 10_000
+) -> tuple[list[np.ndarray], list[str], list[Path], list[str]]:
+    """The images of ``folder`` (decoded), their names and paths, and a note per file left
+    out (unreadable, or not an image)."""
+    found, skipped = list_inputs([folder])
     notes = [f"{p}: skipped ({why})" for p, why in skipped]
-    images, names = [], []
-    for path in paths[:most]:
+    images, names, paths = [], [], []
+    for path in found[:most]:
         try:
             images.append(read_image(path))
-            names.append(Path(path).name)
         except ImgprocError as exc:
             notes.append(f"{path}: not read ({exc})")
-    return images, names, notes
+            continue
+        names.append(Path(path).name)
+        paths.append(Path(path))
+    return images, names, paths, notes
 
 
 def add_compare_command(sub: argparse._SubParsersAction) -> None:
@@ -587,6 +781,14 @@ def add_compare_command(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--engine", default="threads", help="the cluster ranks' engine")
     cmd.add_argument("--tile", default="auto", help="the cluster's tile size: auto or pixels")
     cmd.add_argument("--server", default=None, help="use this running cluster, not --ranks")
+    cmd.add_argument(
+        "--io", action="store_true", help="each method reads the files and writes its outputs"
+    )
+    cmd.add_argument(
+        "--batch",
+        action="store_true",
+        help="also mpiexec -n N python -m mpi_imgproc.batch at each --ranks (implies --io)",
+    )
     cmd.set_defaults(func=cmd_compare)
 
 
@@ -613,18 +815,22 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
     tile = args.tile if args.tile == "auto" else int(args.tile)
     return CompareSettings(
         pipeline_from_args(args), methods, ranks, args.repeat, args.workers, args.engine, tile,
-        args.server,
+        args.server, args.batch,
     )  # fmt: skip
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Load the folder, measure every method, write everything, print the headline."""
     settings = settings_from_args(args)
-    images, names, notes = load_inputs(args.input_dir)
+    if settings.batch and settings.server:
+        raise CompareError("--batch starts its own mpiexec per --ranks; leave out --server")
+    images, names, paths, notes = load_inputs(args.input_dir)
     settings.notes.extend(notes)
     if not images:
         raise CompareError(f"no readable image in {args.input_dir}")
-    result = run_compare(images, names, settings, lambda m: print(f"compare: {m}", flush=True))
+    io = args.io or args.batch
+    say = lambda message: print(f"compare: {message}", flush=True)  # noqa: E731
+    result = run_compare(images, names, settings, say, paths if io else None)
     for path in write_outputs(result, Path(args.out)):
         print(f"wrote {path}")
     print(result["headline"])

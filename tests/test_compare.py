@@ -47,6 +47,24 @@ def test_compare_writes_every_output_from_measured_exact_runs(tmp_path, capsys):
     assert page.count("<svg") >= 6 and "http://" not in page.split("<svg", 1)[0]
 
 
+def test_with_files_every_method_reads_and_writes_and_batch_mode_is_measured(tmp_path):
+    folder = tmp_path / "in"
+    write_images(folder, 3, size=(200, 240), suffix=".jpg")
+    out = tmp_path / "out"
+    code = main([
+        "compare", str(folder), "--op", "resize:width=64,height=64,interpolation=lanczos",
+        "--out", str(out), "--ranks", "2", "--repeat", "1", "--batch",
+        "--methods", "sequential,pool",
+    ])  # fmt: skip
+    assert code == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["io"] is True
+    methods = {row["method"]: row for row in result["summary"]}
+    assert set(methods) == {"sequential", "pool", "batch-n2", "cluster-n2"}
+    assert all(row["exact"] for row in methods.values())  # decoded files equal, JPEG and all
+    assert methods["batch-n2"]["kind"] == "batch" and methods["batch-n2"]["ranks"] == 2
+
+
 def test_a_speedup_is_given_only_at_a_rank_count_measured():
     samples = [
         {"method": "sequential", "kind": "local", "ranks": 0, "cores": 1, "wall_s": w,
