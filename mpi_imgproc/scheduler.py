@@ -12,6 +12,7 @@ whatever order they arrive.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -26,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from . import streamio
 from .chain import ChainStage
-from .datapaths import replace_beneath, use_beneath
+from .datapaths import fd_path, open_beneath, replace_beneath, use_beneath
 from .errors import ImgprocError, describe, error_code
 from .imageio import encode
 from .imagetask import ENCODED, PATH, PIXELS, as_buffer
@@ -115,6 +117,10 @@ class ImageWork:
     finished: bool = False
     uploaded: bool = True  # False until a client's upload of it arrives (server jobs)
     partial: str | None = None  # a region output being filled, renamed into place when done
+    decoded: str | None = None  # a streamed input's raw pixels (streamio), removed at the end
+    decoder: streamio.Decoder | None = None
+    encoder: streamio.Encoder | None = None
+    gated: deque[tuple[int, Task]] = field(default_factory=deque)  # waiting for decoded rows
 
     @property
     def name(self) -> str:
@@ -250,6 +256,8 @@ class Scheduler:
         self.jobs: dict[str, Job] = {}
         self.turns: deque[str] = deque()
         self.running: dict[int, Task] = {}
+        self.streams: list[ImageWork] = []  # images with a decoder or encoder thread
+        self.stream_min_bytes = streamio.STREAM_MIN_BYTES
         self._task_ids = itertools.count(1)
 
     # -- jobs -------------------------------------------------------------------------
@@ -295,6 +303,8 @@ class Scheduler:
             for done in backend.poll():
                 progressed = True
                 self._complete(done)
+        if self.streams:
+            progressed = self._advance_streams() or progressed
         while not self.hold and self.backend.free_slots() > 0:
             task = self._next_task()
             if task is None:
@@ -396,49 +406,167 @@ class Scheduler:
 
     def _start_regions(self, image: ImageWork) -> bool:
         """Start a by-reference image as region tasks, if its pipeline is one tiled stage or
-        one chain (:mod:`mpi_imgproc.chain`) and its input and output are region formats:
-        each worker reads its strip (plus halo, or a chain's input window) and writes its rows
-        of the output itself, and rank 0 moves only task descriptions.  No
-        process ever holds the image, so the pixel limit does not apply.  False: not such an
-        image (it goes the usual way)."""
+        one chain (:mod:`mpi_imgproc.chain`) and its input and output are region formats or
+        streamed ones (:mod:`mpi_imgproc.streamio`): each worker reads its strip (plus halo, or
+        a chain's input window) and writes its rows of the output itself, and rank 0 moves only
+        task descriptions (and, for a JPEG or PNG, decodes or encodes it on threads, strip by
+        strip, as the strips are needed or finished).  No process ever holds the image, so the
+        pixel limit does not apply.  False: not such an image (it goes the usual way)."""
         job, source = image.job, image.source.path
         assert job.targets is not None
         target = job.targets(image)
-        if (
-            source is None
-            or Path(source).suffix.lower() not in REGION_SUFFIXES
-            or Path(target).suffix.lower() not in REGION_SUFFIXES
-        ):
+        if source is None:
+            return False
+        kinds = [_io_kind(source), _io_kind(target)]
+        if None in kinds:
             return False
         try:
-            reader = use_beneath(job.root, source, partial_fn(open_region, name=source))
-            if reader is None:
-                return False
-            stages = job.pipeline.stages_for(reader.shape)
+            if kinds[0] == "region":
+                reader = use_beneath(job.root, source, partial_fn(open_region, name=source))
+                if reader is None:
+                    return False
+                in_shape, dtype = reader.shape, reader.dtype
+            else:
+                probed = streamio.streamable(job.root, source)
+                if probed is None:
+                    return False
+                in_shape, dtype = probed
+            stages = job.pipeline.stages_for(in_shape)
             if len(stages) != 1 or type(stages[0]) not in (TiledStage, ChainStage):
                 return False
-            image.partial = partial_name(target)
-            shape = job.pipeline.output_shape(reader.shape)
-            create = partial_fn(create_output, shape=shape, dtype=reader.dtype)
-            use_beneath(job.root, image.partial, create, entry=True)
+            shape = job.pipeline.output_shape(in_shape)
+            if kinds[1] == "stream" and not streamio.encodable(target, shape, dtype):
+                return False
+            largest = max(math.prod(in_shape), math.prod(shape)) * dtype.itemsize
+            if "stream" in kinds and (largest < self.stream_min_bytes or job.tile == 0):
+                return False
+            self._make_region_files(image, kinds, in_shape, shape, dtype)
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
             self._fail_image(image, error_code(exc), describe(exc))
             return True
         stage = stages[0]
         height, width = shape[:2]  # of the output: strips are cut there
-        row_bytes = width * math.prod(shape[2:]) * reader.dtype.itemsize
+        row_bytes = width * math.prod(shape[2:]) * dtype.itemsize
         rows = max(16, stage.halo, REGION_TASK_BYTES // max(1, row_bytes))
         rows = max(rows, math.ceil(height / MAX_TILES_PER_IMAGE))
-        image.plan = Plan(
-            "regions", rows, True, f"read and written by regions: strips of {rows} rows"
+        how = " and ".join(
+            f"{what} {'streamed by rank 0' if kind == 'stream' else 'by regions'}"
+            for what, kind in zip(("read", "written"), kinds)
         )
+        image.plan = Plan("regions", rows, True, f"{how}: strips of {rows} rows")
         stage_json = json.dumps(stage.to_json(), separators=(",", ":"))
-        for tile, margins in _strips(stage, reader.shape, rows):
-            header = {"kind": "region", "stage": stage_json, "source": source, "root": job.root}
-            header.update(target=image.partial, region=tile.region, core=tile.core)
+        read_from = image.decoded or source
+        for tile, margins in _strips(stage, in_shape, rows):
+            header = {"kind": "region", "stage": stage_json, "source": read_from}
+            header.update(root=job.root, target=image.partial, region=tile.region, core=tile.core)
             header["margins"] = margins
-            self._queue(image, (header, None), tile)
+            gate = tile.region[1] if image.decoder is not None else None
+            self._queue(image, (header, None), tile, gate)
+        for thread in (image.decoder, image.encoder):
+            if thread is not None:
+                thread.start()
+        if image.decoder or image.encoder:
+            self.streams.append(image)
         return True
+
+    def _make_region_files(
+        self,
+        image: ImageWork,
+        kinds: list[str],
+        in_shape: tuple[int, ...],
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+    ) -> None:
+        """Create what an image's region tasks read and write: the output (or, when it is to
+        be encoded, its raw rows), the decoded input when it is streamed, and the threads."""
+        job = image.job
+        assert job.targets is not None and image.source.path is not None
+        target = job.targets(image)
+        scratch = 0
+        if kinds[0] == "stream":
+            scratch += math.prod(in_shape) * dtype.itemsize
+        if kinds[1] == "stream":
+            scratch += math.prod(shape) * dtype.itemsize
+        if scratch:
+            folder = os.path.dirname(target)
+            fd = open_beneath(job.root, folder, directory=True) if job.root else None
+            try:
+                streamio.check_scratch(fd_path(fd) if fd is not None else folder, scratch)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        if kinds[1] == "stream":
+            image.partial = streamio.temporary(target, "out")
+            image.encoder = streamio.Encoder(
+                job.root, image.partial, partial_name(target), shape, dtype
+            )
+        else:
+            image.partial = partial_name(target)
+        use_beneath(job.root, image.partial, partial_fn(create_output, shape=shape, dtype=dtype),
+                    entry=True)  # fmt: skip
+        if kinds[0] == "stream":
+            image.decoded = streamio.temporary(target, "in")
+            create = partial_fn(create_output, shape=in_shape, dtype=dtype)
+            use_beneath(job.root, image.decoded, create, entry=True)
+            image.decoder = streamio.Decoder(job.root, image.source.path, image.decoded)
+
+    def _advance_streams(self) -> bool:
+        """Hand out the region tasks whose rows are decoded, fail images whose decoder or
+        encoder failed, and finish those whose encoder is done; True if anything happened."""
+        progressed = False
+        for image in list(self.streams):
+            if image.finished:  # failed or cancelled: its threads stop and its files go
+                self._end_stream(image)
+                continue
+            for thread in (image.decoder, image.encoder):
+                if thread is not None and thread.error is not None:
+                    self._fail_image(image, *thread.error)
+                    progressed = True
+                    break
+            if image.finished:
+                continue
+            if image.decoder is not None:
+                while image.gated and image.gated[0][0] <= image.decoder.rows:
+                    image.job.ready.append(image.gated.popleft()[1])
+                    progressed = True
+            encoder = image.encoder
+            if image.pending == 0 and (encoder is None or encoder.finished):
+                self._regions_done(image)
+                progressed = True
+        return progressed
+
+    def _end_stream(self, image: ImageWork, keep: str | None = None) -> None:
+        """Stop an image's decoder and encoder and remove its temporary files (all but
+        ``keep``; an image that ended without being written loses its partial output too)."""
+        with contextlib.suppress(ValueError):
+            self.streams.remove(image)
+        for thread in (image.decoder, image.encoder):
+            if thread is not None:
+                thread.stop()
+                if thread.ident is not None:  # started
+                    thread.join(timeout=10)
+        target = image.job.targets(image) if image.job.targets else None
+        leftovers = [image.decoded, image.partial if image.encoder or not keep else None]
+        if image.encoder is not None and target:
+            leftovers.append(partial_name(target))
+        streamio.remove(image.job.root, *(p for p in leftovers if p != keep))
+        image.decoder = image.encoder = None
+        image.decoded = None
+        image.gated.clear()
+
+    def _regions_done(self, image: ImageWork) -> None:
+        """Every strip is written (and encoded): the output takes its name."""
+        job = image.job
+        assert job.targets is not None and image.partial is not None
+        target = job.targets(image)
+        built = partial_name(target) if image.encoder is not None else image.partial
+        self._end_stream(image, keep=built)
+        if job.root:
+            replace_beneath(job.root, built, target)
+        else:
+            os.replace(built, target)
+        image.partial = None
+        self._image_done(image, ImageResult(written=target))
 
     def _image_task(self, image: ImageWork) -> tuple[dict[str, Any], np.ndarray | None]:
         """Header and payload of a whole-image task (see :mod:`mpi_imgproc.imagetask`)."""
@@ -470,13 +598,22 @@ class Scheduler:
         return spec, payload
 
     def _queue(
-        self, image: ImageWork, task: tuple[dict[str, Any], np.ndarray | None], tile: Tile | None
+        self,
+        image: ImageWork,
+        task: tuple[dict[str, Any], np.ndarray | None],
+        tile: Tile | None,
+        gate: int | None = None,
     ) -> None:
+        """Queue a task; with ``gate``, only once the image's decoder has that many rows."""
         header, payload = task
         image.pending += 1
         image.tiles_used += 1
         image.job.tiles_total += 1
-        image.job.ready.append(Task(next(self._task_ids), image, header, payload, tile))
+        made = Task(next(self._task_ids), image, header, payload, tile)
+        if gate is None:
+            image.job.ready.append(made)
+        else:
+            image.gated.append((gate, made))
 
     def _start_stage(self, image: ImageWork) -> None:
         """Cut the image's current stage into tasks; views (crop, flip, quarter turns) are
@@ -551,14 +688,10 @@ class Scheduler:
             return
         if image.partial is not None:  # a region task: its rows are in the output file
             image.pending -= 1
-            if image.pending == 0:
-                assert job.targets is not None
-                if job.root:
-                    replace_beneath(job.root, image.partial, job.targets(image))
-                else:
-                    os.replace(image.partial, job.targets(image))
-                image.partial = None
-                self._image_done(image, ImageResult(written=job.targets(image)))
+            if image.encoder is not None:
+                image.encoder.finish(task.tile.core[0], task.tile.core[1])
+            if image.pending == 0 and image.encoder is None:
+                self._regions_done(image)
             else:
                 job.listener.progress(job, False)
             return
@@ -619,9 +752,13 @@ class Scheduler:
         job = image.job
         image.finished, image.pixels, image.merger = True, None, None
         image.source.pixels = image.source.data = None
+        if image.decoder is not None or image.encoder is not None:
+            self._end_stream(image)
         if image.partial is not None:  # never leave a half-written output behind
-            Path(image.partial).unlink(missing_ok=True)
+            streamio.remove(job.root, image.partial)
             image.partial = None
+        streamio.remove(job.root, image.decoded)
+        image.decoded = None
         job.ready = deque(t for t in job.ready if t.image is not image)
         job.failed += 1
         job.images_done += 1
@@ -636,6 +773,15 @@ class Scheduler:
     def _finish(self, job: Job, state: str, message: str | None) -> None:
         job.state, job.message, job.ended = state, message, time.perf_counter()
         job.listener.finished(job)
+
+
+def _io_kind(path: str) -> str | None:
+    """How region tasks read or write a file: ``region`` (random access), ``stream``
+    (decoded or encoded by rank 0 strip by strip), or None (not at all)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in REGION_SUFFIXES:
+        return "region"
+    return "stream" if suffix in streamio.STREAM_SUFFIXES and streamio.available() else None
 
 
 def _strips(stage: Stage, shape: tuple[int, ...], rows: int) -> list[tuple[Tile, tuple]]:

@@ -74,6 +74,7 @@ from .scheduler import (
     Scheduler,
     output_format,
 )
+from .streamio import STREAM_MIN_BYTES
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 PROGRESS_INTERVAL = 0.05  # seconds between progress messages of one job
@@ -104,6 +105,7 @@ class Options(argparse.Namespace):
     in_flight: int | None
     cutover_ms: float
     inline_ms: float
+    stream_min_mb: float
 
 
 def _number(kind: type, minimum: float, strict: bool = False, maximum: float = float("inf")):
@@ -226,6 +228,13 @@ def add_cluster_options(parser: argparse.ArgumentParser) -> None:
         type=_number(float, 0),
         default=DEFAULT_CUTOVER_S * 1e3,
         help="with --tile auto: images estimated to take less compute go to a worker whole",
+    )
+    parser.add_argument(
+        "--stream-min-mb",
+        type=_number(float, 0),
+        default=STREAM_MIN_BYTES / 2**20,
+        help="by reference: JPEG/PNG images whose pixels take at least this many MiB are "
+        "decoded and encoded strip by strip (docs/protocol.md, Jobs by reference)",
     )
 
 
@@ -884,6 +893,7 @@ def run_rank0(comm: MPI.Comm, options: Options, front: Front) -> None:
         scheduler = Scheduler(
             backend, options.max_pixels, options.cutover_ms / 1e3, local, options.inline_ms / 1e3
         )
+        scheduler.stream_min_bytes = int(options.stream_min_mb * 2**20)
         server = Server(front.sock, scheduler, options, info)
         server.stopping = bool(early)
         server.serve_forever()

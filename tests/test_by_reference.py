@@ -300,3 +300,72 @@ def test_the_python_client_submits_by_reference_and_names_what_was_written(root,
         result = job.result(timeout=60)
     assert result.ok and result.images == [None, None]
     assert result.written == {0: "py-out/img000.png", 1: "py-out/img002.png"}
+
+
+# -- JPEG and PNG streamed by rank 0 (mpi_imgproc.streamio) ---------------------------------
+
+STREAMED = [
+    "crop:x=3,y=5,width=400,height=300",
+    "resize:scale=0.9,interpolation=linear",
+    "sharpen",
+]  # fmt: skip - one chain: 300 rows to 270 has a period of 9 rows
+
+
+@pytest.fixture(scope="module")
+def streaming(tmp_path_factory):
+    """A server that streams every JPEG and PNG by reference (--stream-min-mb 0), with inputs."""
+    root = tmp_path_factory.mktemp("streamed")
+    rng = np.random.default_rng(11)
+    image = random_image(rng, 331, 413, 3)
+    cv2.imwrite(str(root / "photo.jpg"), cv2.GaussianBlur(image, (0, 0), 2))
+    cv2.imwrite(str(root / "scan.png"), image)
+    cv2.imwrite(str(root / "gray.png"), image[..., 1])
+    data = (root / "photo.jpg").read_bytes()
+    (root / "cut.jpg").write_bytes(data[: len(data) // 3])
+    with running_cluster(3, "--data-root", str(root), "--stream-min-mb", "0") as cluster:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(cluster.address)
+        yield root, sock
+        sock.close()
+
+
+def _leftovers(folder) -> list[str]:
+    return [f for f in os.listdir(folder) if ".part" in f]
+
+
+@pytest.mark.parametrize("source", ["photo.jpg", "scan.png", "gray.png"])
+def test_jpeg_and_png_are_decoded_and_encoded_strip_by_strip_exactly(streaming, source):
+    root, sock = streaming
+    out = f"out-{source.replace('.', '-')}"
+    _, messages = run(sock, paths=[source], output=out, result="png", pipeline=STREAMED)
+    (result,) = by_type(messages, "result")
+    assert result["path"] == "regions" and not by_type(messages, "image_error")
+    decoded = cv2.imread(str(root / source), cv2.IMREAD_UNCHANGED)
+    expected = Pipeline.parse(STREAMED).apply(decoded)
+    written = cv2.imread(str(root / out / result["written"].split("/")[-1]), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(written, expected)
+    assert not _leftovers(root / out) and not _leftovers(root)
+
+
+def test_a_streamed_jpeg_output_is_opencvs_quality(streaming):
+    root, sock = streaming
+    _, messages = run(sock, paths=["scan.png"], output="out-jpeg", result="jpg", pipeline=BLUR)
+    (result,) = by_type(messages, "result")
+    assert result["path"] == "regions"
+    expected = Pipeline.parse(BLUR).apply(cv2.imread(str(root / "scan.png")))
+    written = cv2.imread(str(root / "out-jpeg" / "scan.jpg")).astype(int)
+    opencv = cv2.imdecode(cv2.imencode(".jpg", expected)[1], cv2.IMREAD_COLOR).astype(int)
+    assert np.abs(written - expected).mean() <= np.abs(opencv - expected).mean() * 1.05 + 0.05
+    assert not _leftovers(root / "out-jpeg")
+
+
+def test_a_truncated_jpeg_fails_alone_and_leaves_nothing_behind(streaming):
+    root, sock = streaming
+    _, messages = run(sock, paths=["cut.jpg", "photo.jpg"], output="out-cut", result="png",
+                      pipeline=BLUR)  # fmt: skip
+    (error,) = by_type(messages, "image_error")
+    assert error["index"] == 0 and "cut.jpg" in json.dumps(error)
+    assert [r["index"] for r in by_type(messages, "result")] == [1]
+    assert not _leftovers(root / "out-cut") and not _leftovers(root)
+    assert sorted(os.listdir(root / "out-cut")) == ["photo.png"]

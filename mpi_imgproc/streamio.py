@@ -1,0 +1,378 @@
+"""Streamed decode and encode for files without random access (baseline JPEG, PNG).
+
+A by-reference image in such a format is never held whole by any process.  Rank 0 decodes it
+with libvips (through pyvips, in sequential mode: libvips keeps a few strips in memory) into a
+raw ``.npy`` beside the output, strip after strip, on a thread of its own; the workers' region
+tasks (:mod:`mpi_imgproc.regionio`) are handed out as soon as the rows each one reads are
+there, so compute overlaps decode.  Output likewise: the workers write their rows into a raw
+``.npy``, and an encoder thread on rank 0 feeds the rows to libvips' JPEG or PNG writer in
+order, as they are finished, so encoding overlaps compute too.  Both temporary files live in
+the output's folder (every rank sees it) and are removed when the image ends, however it ends.
+
+Why libvips: it is the library built for exactly this (demand-driven, strip-wise codecs on
+libjpeg-turbo and libpng), and ``pyvips[binary]`` ships it as a wheel.  Its decoder gives the
+same pixels as OpenCV's for the files streamed here (8-bit JPEG with 1 or 3 components, PNG
+gray, RGB or RGBA, 8 or 16 bits, no palette or ``tRNS``; ``tests/test_streamio.py`` checks it);
+other files take the usual path.  Writing goes into a partial file renamed into place.  The
+JPEG written here is libvips' encoding at OpenCV's settings (quality 95, 4:2:0), so its bytes
+differ from ``cv2.imencode``'s; PNG is lossless, so its pixels are exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .datapaths import fd_path, open_beneath, use_beneath
+from .errors import describe, error_code
+from .imageio import probe
+
+STREAM_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+STRIP_ROWS = 128  # rows decoded (and made available to workers) at a time
+# Below this many bytes of pixels, a JPEG or PNG goes the usual way (one worker decodes, runs
+# and encodes it, or rank 0 decodes it and tiles it): a thread and two scratch files would cost
+# more than they save.  The server's --stream-min-mb sets it.
+STREAM_MIN_BYTES = 32 << 20
+
+
+def available() -> bool:
+    """Whether libvips can be loaded here (``pip install pyvips[binary]``)."""
+    try:
+        import pyvips  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def temporary(target: str, role: str) -> str:
+    """A hidden raw file beside ``target`` for its decoded input or its rows before encoding."""
+    path = Path(target)
+    return str(path.with_name(f".{path.name}.{role}.part.npy"))
+
+
+def _png_is_plain(fp: Any) -> bool:
+    """A PNG whose pixels OpenCV and libvips read alike: gray, RGB or RGBA, no palette, no
+    ``tRNS`` transparency chunk."""
+    head = fp.read(33)
+    if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 33:
+        return False
+    if head[25] not in (0, 2, 6):  # colour type: gray, RGB, RGBA
+        return False
+    fp.seek(33)
+    while True:
+        chunk = fp.read(8)
+        if len(chunk) < 8:
+            return False
+        size, kind = struct.unpack(">I4s", chunk)
+        if kind == b"tRNS":
+            return False
+        if kind == b"IDAT":
+            return True
+        fp.seek(size + 4, os.SEEK_CUR)
+
+
+def _jpeg_frame(fp: Any) -> tuple[int, int] | None:
+    """(sample precision, components) from a JPEG's frame header (SOFn); None if not found."""
+    if fp.read(2) != b"\xff\xd8":
+        return None
+    while True:
+        marker = fp.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        if marker[1] in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            continue
+        length = fp.read(2)
+        if len(length) < 2:
+            return None
+        (size,) = struct.unpack(">H", length)
+        if 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
+            frame = fp.read(6)
+            return (frame[0], frame[5]) if len(frame) == 6 else None
+        fp.seek(size - 2, os.SEEK_CUR)
+
+
+def streamable(root: str | None, path: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """The array shape and dtype decoding ``path`` gives, if it is a file streamed here;
+    else None."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in STREAM_SUFFIXES or not available():
+        return None
+
+    def look(name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+        probed = probe(name)
+        if probed is None:
+            return None
+        height, width, channels, nbytes = probed
+        if suffix == ".png":
+            with open(name, "rb") as fp:
+                if not _png_is_plain(fp):
+                    return None
+        else:
+            with open(name, "rb") as fp:
+                if _jpeg_frame(fp) not in ((8, 1), (8, 3)):  # CMYK, 12-bit: the usual path
+                    return None
+        shape = (height, width) if channels == 1 else (height, width, channels)
+        return shape, np.dtype(np.uint16 if nbytes == 2 else np.uint8)
+
+    return use_beneath(root, path, look)
+
+
+def check_scratch(folder: str, nbytes: int) -> None:
+    """Refuse (OSError with the figures) when ``folder`` has not ``nbytes`` free, plus 5 %."""
+    stat = os.statvfs(folder)
+    free = stat.f_bavail * stat.f_frsize
+    if nbytes * 1.05 > free:
+        raise OSError(
+            f"streaming needs {nbytes / 2**30:.2f} GiB of scratch space beside the output for "
+            f"the decoded pixels, and {free / 2**30:.2f} GiB are free there"
+        )
+
+
+def encodable(target: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether an output of ``shape``/``dtype`` can be written to ``target`` by streaming."""
+    suffix = Path(target).suffix.lower()
+    channels = shape[2] if len(shape) == 3 else 1
+    if suffix in (".jpg", ".jpeg"):
+        return channels in (1, 3) and dtype == np.uint8 and available()
+    return suffix == ".png" and channels in (1, 3) and dtype in (np.uint8, np.uint16)
+
+
+def _open_entry(root: str | None, path: str, flags: int) -> int:
+    """A file descriptor for ``path`` (a new or existing entry of a checked folder under
+    ``root``), opened with ``flags`` without following a final symlink."""
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+    if not root:
+        return os.open(path, flags, 0o666)
+    folder, name = os.path.split(path)
+    dfd = open_beneath(root, folder, directory=True)
+    try:
+        return os.open(name, flags, 0o666, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
+def _data_offset(fd: int) -> int:
+    """Where the pixels of an ``.npy`` file start."""
+    with os.fdopen(os.dup(fd), "rb") as fp:
+        fp.seek(0)
+        np.lib.format.read_magic(fp)
+        np.lib.format.read_array_header_1_0(fp)
+        return fp.tell()
+
+
+def _as_project_order(strip: np.ndarray) -> np.ndarray:
+    """libvips' RGB(A) bands in the project's BGR(A) order; gray as (rows, width)."""
+    if strip.shape[2] == 1:
+        return strip[:, :, 0]
+    if strip.shape[2] == 3:
+        return strip[:, :, ::-1]
+    return strip[:, :, [2, 1, 0, 3]]
+
+
+class _Worker(threading.Thread):
+    """A thread that records its outcome: ``error`` is ``(code, message)`` or None."""
+
+    def __init__(self, name: str):
+        super().__init__(name=name, daemon=True)
+        self.error: tuple[str, str] | None = None
+        self.finished = False
+        self.stopped = False
+        self.wake = threading.Condition()
+
+    def stop(self) -> None:
+        """Ask the thread to end soon (the image failed or its job was cancelled)."""
+        with self.wake:
+            self.stopped = True
+            self.wake.notify_all()
+
+    def run(self) -> None:
+        try:
+            self.work()
+        except Exception as exc:  # noqa: BLE001 - reported to the scheduler as the image's error
+            if not self.stopped:
+                self.error = (error_code(exc), describe(exc))
+        finally:
+            self.finished = True
+
+    def work(self) -> None:
+        raise NotImplementedError
+
+
+class Decoder(_Worker):
+    """Decodes ``source`` into the preallocated ``.npy`` ``target``, strip by strip; ``rows``
+    tells how many rows are there so far (see the module docstring)."""
+
+    def __init__(self, root: str | None, source: str, target: str):
+        super().__init__("decode")
+        self.root, self.source, self.target = root, source, target
+        self.rows = 0
+
+    def work(self) -> None:
+        import pyvips
+
+        with contextlib.ExitStack() as stack:
+            fd_in = open_beneath(self.root, self.source) if self.root else os.open(
+                self.source, os.O_RDONLY | os.O_CLOEXEC
+            )  # fmt: skip
+            stack.callback(os.close, fd_in)
+            fd_out = _open_entry(self.root, self.target, os.O_RDWR)
+            stack.callback(os.close, fd_out)
+            offset = _data_offset(fd_out)
+            image = pyvips.Image.new_from_file(
+                fd_path(fd_in), access="sequential", fail_on="truncated"
+            )
+            dtype = np.uint16 if image.format == "ushort" else np.uint8
+            with os.fdopen(os.dup(fd_out), "rb") as fp:
+                fp.seek(0)
+                np.lib.format.read_magic(fp)
+                shape, _, declared = np.lib.format.read_array_header_1_0(fp)
+            got = (image.height, image.width) + ((image.bands,) if image.bands > 1 else ())
+            if got != tuple(shape) or np.dtype(dtype) != declared:
+                raise OSError(f"decoded as {got} {np.dtype(dtype)}, the header said {shape}")
+            row_bytes = image.width * image.bands * np.dtype(dtype).itemsize
+            for y in range(0, image.height, STRIP_ROWS):
+                if self.stopped:
+                    return
+                rows = min(STRIP_ROWS, image.height - y)
+                data = image.crop(0, y, image.width, rows).write_to_memory()
+                strip = np.frombuffer(data, dtype).reshape(rows, image.width, image.bands)
+                os.pwrite(fd_out, np.ascontiguousarray(_as_project_order(strip)).data,
+                          offset + y * row_bytes)  # fmt: skip
+                self.rows = y + rows
+
+
+class Encoder(_Worker):
+    """Encodes the rows of the ``.npy`` ``source`` into ``target`` (JPEG or PNG, by its
+    suffix) as they are finished: ``finish(y0, y1)`` says rows ``y0:y1`` are written."""
+
+    def __init__(self, root: str | None, source: str, target: str, shape: tuple, dtype: Any):
+        super().__init__("encode")
+        self.root, self.source, self.target = root, source, target
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.done_rows: dict[int, int] = {}  # y0 -> y1 of finished strips not yet contiguous
+        self.ready = 0  # rows 0:ready are finished
+
+    def finish(self, y0: int, y1: int) -> None:
+        with self.wake:
+            self.done_rows[y0] = y1
+            while self.ready in self.done_rows:
+                self.ready = self.done_rows.pop(self.ready)
+            self.wake.notify_all()
+
+    def _rows(self, fd: int, offset: int) -> Iterator[bytes]:
+        """The image's rows in PNG's order (RGB, big-endian), as soon as they are finished."""
+        height, width = self.shape[:2]
+        bands = self.shape[2] if len(self.shape) == 3 else 1
+        row_bytes = width * bands * self.dtype.itemsize
+        served = 0
+        while served < height:
+            with self.wake:
+                while self.ready <= served and not self.stopped:
+                    self.wake.wait(0.5)
+                upto = self.ready
+            if self.stopped:
+                return
+            upto = min(upto, served + max(1, (4 << 20) // row_bytes))
+            raw = os.pread(fd, (upto - served) * row_bytes, offset + served * row_bytes)
+            rows = np.frombuffer(raw, self.dtype).reshape(upto - served, width, bands)
+            rows = rows[:, :, ::-1] if bands == 3 else rows
+            yield np.ascontiguousarray(rows, rows.dtype.newbyteorder(">")).tobytes()
+            served = upto
+
+    def work(self) -> None:
+        fd_in = _open_entry(self.root, self.source, os.O_RDONLY)
+        fd_out = -1
+        try:
+            rows = self._rows(fd_in, _data_offset(fd_in))
+            fd_out = _open_entry(self.root, self.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            if Path(self.target).suffix.lower() == ".png":
+                for chunk in png_stream(rows, self.shape, self.dtype, level=1):
+                    os.write(fd_out, chunk)
+            else:
+                _jpeg_from(png_stream(rows, self.shape, self.dtype, level=0), fd_out)
+            if self.stopped:
+                return
+        finally:
+            os.close(fd_in)
+            if fd_out >= 0:
+                os.close(fd_out)
+
+
+def png_stream(rows: Iterable[bytes], shape: tuple, dtype: np.dtype, level: int) -> Iterator[bytes]:
+    """A PNG of ``shape``/``dtype`` from its raw rows (RGB order, big-endian), chunk by chunk:
+    zlib compresses (``level`` 0: stored, the cheapest way to hand pixels to libvips), and the
+    rows are filtered with PNG's filter 0 (none)."""
+    height, width = shape[:2]
+    bands = shape[2] if len(shape) == 3 else 1
+    colour = {1: 0, 3: 2, 4: 6}[bands]
+    row_bytes = width * bands * dtype.itemsize
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    yield b"\x89PNG\r\n\x1a\n" + chunk(
+        b"IHDR", struct.pack(">IIBBBBB", width, height, 8 * dtype.itemsize, colour, 0, 0, 0)
+    )
+    packer = zlib.compressobj(level)
+    written = 0
+    for block in rows:
+        n = len(block) // row_bytes
+        framed = bytearray(n * (row_bytes + 1))  # a filter byte (0) before every row
+        view = np.frombuffer(framed, np.uint8).reshape(n, row_bytes + 1)
+        view[:, 1:] = np.frombuffer(block, np.uint8).reshape(n, row_bytes)
+        data = packer.compress(framed)
+        written += n
+        if data:
+            yield chunk(b"IDAT", data)
+    if written < height:
+        raise OSError(f"the encoder stopped at row {written} of {height}")
+    yield chunk(b"IDAT", packer.flush()) + chunk(b"IEND", b"")
+
+
+def _jpeg_from(png: Iterator[bytes], fd_out: int) -> None:
+    """Encode a streamed PNG as JPEG (quality 95, 4:2:0: OpenCV's defaults) with libvips,
+    which reads the stream as it comes."""
+    import pyvips
+
+    pending = b""
+
+    def read(size: int) -> bytes:
+        nonlocal pending
+        while not pending:
+            pending = next(png, b"")
+            if not pending:
+                return b""
+        out, pending = pending[:size], pending[size:]
+        return out
+
+    source = pyvips.SourceCustom()
+    source.on_read(read)
+    image = pyvips.Image.new_from_source(source, "", access="sequential", fail_on="truncated")
+    image.jpegsave_target(pyvips.Target.new_to_descriptor(fd_out), Q=95, subsample_mode="on")
+
+
+def remove(root: str | None, *paths: str | None) -> None:
+    """Remove temporary files under ``root`` (each opened folder checked), ignoring absent ones."""
+    for path in paths:
+        if not path:
+            continue
+        with contextlib.suppress(OSError):
+            if not root:
+                os.unlink(path)
+                continue
+            folder, name = os.path.split(path)
+            dfd = open_beneath(root, folder, directory=True)
+            try:
+                os.unlink(name, dir_fd=dfd)
+            finally:
+                os.close(dfd)

@@ -1,0 +1,146 @@
+"""Streamed decode and encode (libvips through pyvips) give OpenCV's pixels, strip by strip.
+
+The files streamed are exactly those whose pixels the two libraries read alike; the others are
+refused here (and take the usual path).  The encoder's PNG is lossless, so it is checked bit
+for bit; its JPEG is checked against OpenCV's own encoding at the same settings.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from mpi_imgproc import streamio
+from mpi_imgproc.regionio import create_output
+
+pytestmark = pytest.mark.skipif(not streamio.available(), reason="pyvips (libvips) not installed")
+
+
+def _photo(rng, height=301, width=217, channels=3, dtype=np.uint8):
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([np.sin(x / 9) * 80 + 128, np.cos(y / 13) * 80 + 128, (x + y) % 256], -1)
+    base = base[..., :channels] if channels <= 3 else np.dstack([base, (x * 3) % 256])
+    noisy = (base + rng.integers(0, 24, base.shape)).clip(0, 255)
+    out = noisy.astype(np.uint8)
+    if dtype == np.uint16:
+        out = out.astype(np.uint16) * 257 + rng.integers(0, 256, out.shape).astype(np.uint16)
+    return out[..., 0] if channels == 1 else out
+
+
+def _pil(image, fmt, **options):
+    buf = io.BytesIO()
+    Image.fromarray(image[..., ::-1] if image.ndim == 3 else image).save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+FILES = {
+    "baseline.jpg": lambda im: cv2.imencode(".jpg", im)[1].tobytes(),
+    "progressive.jpg": lambda im: cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[
+        1
+    ].tobytes(),
+    "subsampled-422.jpg": lambda im: _pil(im, "JPEG", quality=85, subsampling=1),
+    "gray.jpg": lambda im: cv2.imencode(".jpg", im[..., 1])[1].tobytes(),
+    "rgb.png": lambda im: cv2.imencode(".png", im)[1].tobytes(),
+    "gray.png": lambda im: cv2.imencode(".png", im[..., 0])[1].tobytes(),
+    "rgba.png": lambda im: cv2.imencode(".png", np.dstack([im, im[..., 2]]))[1].tobytes(),
+    "deep.png": lambda im: cv2.imencode(".png", im.astype(np.uint16) * 257 + 3)[1].tobytes(),
+}
+
+
+def _decode(root, name):
+    shape, dtype = streamio.streamable(str(root), str(root / name))
+    target = str(root / f"{name}.npy")
+    create_output(target, shape, dtype)
+    decoder = streamio.Decoder(str(root), str(root / name), target)
+    decoder.run()
+    assert decoder.error is None, decoder.error
+    return np.load(target)
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_streamed_decode_gives_opencvs_pixels(tmp_path, name):
+    image = _photo(np.random.default_rng(len(name)))
+    (tmp_path / name).write_bytes(FILES[name](image))
+    expected = cv2.imread(str(tmp_path / name), cv2.IMREAD_UNCHANGED)
+    got = _decode(tmp_path, name)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("palette.png", None),
+        ("gray-alpha.png", None),
+        ("cmyk.jpg", None),
+        ("transparent.png", None),
+    ],
+)
+def test_files_the_libraries_read_differently_are_not_streamed(tmp_path, name, data):
+    image = _photo(np.random.default_rng(1))
+    rgb = Image.fromarray(image[..., ::-1])
+    buf = io.BytesIO()
+    if name == "palette.png":
+        rgb.convert("P").save(buf, "PNG")
+    elif name == "gray-alpha.png":
+        rgb.convert("LA").save(buf, "PNG")
+    elif name == "cmyk.jpg":
+        rgb.convert("CMYK").save(buf, "JPEG")
+    else:
+        rgb.save(buf, "PNG", transparency=(0, 0, 0))
+    (tmp_path / name).write_bytes(buf.getvalue())
+    assert streamio.streamable(str(tmp_path), str(tmp_path / name)) is None
+
+
+def _encode(root, pixels, name, order):
+    """Encode ``pixels`` (from a raw .npy) into ``name``, its strips finished in ``order``."""
+    source = str(root / f"{name}.rows.npy")
+    create_output(source, pixels.shape, pixels.dtype)
+    np.load(source, mmap_mode="r+")[...] = pixels
+    encoder = streamio.Encoder(str(root), source, str(root / name), pixels.shape, pixels.dtype)
+    runner = threading.Thread(target=encoder.run)
+    runner.start()
+    strips = [(y, min(len(pixels), y + 40)) for y in range(0, len(pixels), 40)]
+    for y0, y1 in strips[::-1] if order == "backwards" else strips:
+        encoder.finish(y0, y1)
+    runner.join(30)
+    assert not runner.is_alive() and encoder.error is None, encoder.error
+
+
+@pytest.mark.parametrize("order", ["forwards", "backwards"])
+@pytest.mark.parametrize("channels, dtype", [(3, np.uint8), (1, np.uint8), (3, np.uint16)])
+def test_streamed_png_is_lossless_whatever_order_strips_finish_in(tmp_path, order, channels, dtype):
+    pixels = _photo(np.random.default_rng(3), channels=channels, dtype=dtype)
+    _encode(tmp_path, pixels, "out.png", order)
+    written = cv2.imread(str(tmp_path / "out.png"), cv2.IMREAD_UNCHANGED)
+    assert written.dtype == pixels.dtype and np.array_equal(written, pixels)
+
+
+def test_streamed_jpeg_matches_opencvs_encoding_at_its_settings(tmp_path):
+    pixels = _photo(np.random.default_rng(4))
+    _encode(tmp_path, pixels, "out.jpg", "backwards")
+    written = cv2.imread(str(tmp_path / "out.jpg")).astype(int)
+    opencv = cv2.imdecode(cv2.imencode(".jpg", pixels)[1], cv2.IMREAD_COLOR).astype(int)
+    assert written.shape == pixels.shape
+    ours, theirs = np.abs(written - pixels).mean(), np.abs(opencv - pixels).mean()
+    assert ours <= theirs * 1.05 + 0.05, (ours, theirs)
+
+
+def test_a_truncated_jpeg_is_an_error_not_a_short_image(tmp_path):
+    data = FILES["baseline.jpg"](_photo(np.random.default_rng(5)))
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    shape, dtype = streamio.streamable(str(tmp_path), str(tmp_path / "cut.jpg"))
+    create_output(str(tmp_path / "cut.npy"), shape, dtype)
+    decoder = streamio.Decoder(str(tmp_path), str(tmp_path / "cut.jpg"), str(tmp_path / "cut.npy"))
+    decoder.run()
+    assert decoder.error is not None and decoder.rows < shape[0]
+
+
+def test_scratch_space_is_checked_before_anything_is_written(tmp_path):
+    with pytest.raises(OSError, match="GiB of scratch space"):
+        streamio.check_scratch(str(tmp_path), 2**62)
