@@ -15,6 +15,7 @@ that region reads need.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -145,11 +146,25 @@ def write_region(path: str, y0: int, x0: int, block: np.ndarray) -> None:
     else:
         out = tifffile.memmap(path, mode="r+")
         block = _to_bgr(block)  # BGR -> RGB is the same reversal
-    out[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]] = block.reshape(
-        out[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]].shape
-    )
+    rows = out[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]]
+    block = np.ascontiguousarray(block.reshape(rows.shape), out.dtype)
+    if x0 == 0 and block.shape[1] == out.shape[1] and out.flags.c_contiguous:
+        # Whole rows are one run of the file: written with pwrite, not through the mapping,
+        # whose flush (msync) would wait for the disk on every strip.
+        offset = out.offset + y0 * (out.strides[0] if out.ndim else 0)
+        del rows, out
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            data = memoryview(block).cast("B")
+            while data:  # a regular file takes it all at once; a short write is continued
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+        finally:
+            os.close(fd)
+        return
+    rows[...] = block
     out.flush()
-    del out
+    del rows, out
 
 
 def partial_name(target: str) -> str:
