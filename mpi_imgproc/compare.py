@@ -107,6 +107,7 @@ class Workload:
     names: list[str]
     paths: list[Path] | None = None
     scratch: Path | None = None
+    across: bool = True  # local engines work across images (else across tiles)
     _rounds: int = 0
 
     @property
@@ -150,7 +151,7 @@ class Reference:
 
     def __init__(self, work: Workload, pipeline: Pipeline):
         with get_engine("sequential") as engine:
-            self.outputs = run_local(engine, pipeline, work.images)
+            self.outputs = run_local(engine, pipeline, work.images, work.across)
         self.files: list[np.ndarray] = []
         if work.io:
             assert work.paths is not None
@@ -174,11 +175,19 @@ class Reference:
 # -- local methods -----------------------------------------------------------------------------
 
 
-def run_local(engine: Any, pipeline: Pipeline, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Every image through ``engine``: across images when there are enough of them, across
-    tiles of each image otherwise (one large image still keeps every worker busy)."""
-    batchable = not any(isinstance(s, ReduceStage) for s in pipeline.stages)
-    if batchable and len(images) >= engine.workers:
+def across_images(pipeline: Pipeline, count: int, workers: int) -> bool:
+    """Whether the local engines work across whole images (enough of them to keep every
+    worker busy, and no two-phase stage) rather than across tiles of each image."""
+    return count >= workers and not any(isinstance(s, ReduceStage) for s in pipeline.stages)
+
+
+def run_local(
+    engine: Any, pipeline: Pipeline, images: Sequence[np.ndarray], across: bool
+) -> list[np.ndarray]:
+    """Every image through ``engine``: whole images handed to it together (``across``), or
+    each image cut into tiles of ``LOCAL_TILE`` (one large image still keeps every worker
+    busy).  Every engine, the sequential reference too, gets the same cut."""
+    if across:
         pieces = list(images)
         for stage in pipeline.stages:
             pieces = engine.run(stage, pieces, [(0, 0, 0, 0)] * len(pieces))
@@ -228,6 +237,7 @@ class PoolMethod:
         return folder
 
     def close(self) -> None:
+        """Stop the workers."""
         self.pool.close()
         self.pool.join()
 
@@ -236,6 +246,7 @@ def _with_files(work: Workload, method: str, fn: Callable[[list], list]) -> Runn
     """``fn`` over the images, with reading the inputs and writing the outputs timed too."""
 
     def run() -> Path:
+        """One timed run of the method."""
         assert work.paths is not None
         folder = work.folder(method)
         outputs = fn([read_image(p) for p in work.paths])
@@ -262,7 +273,7 @@ def local_methods(s: CompareSettings, work: Workload) -> tuple[list[Method], lis
     closers: list[Any] = []
     for name in s.methods:
         try:
-            fn, cores, pool = _local_fn(name, s, workers, closers)
+            fn, cores, pool = _local_fn(name, s, workers, closers, work.across)
         except (EngineUnavailable, ImportError, CompareError) as exc:
             s.notes.append(f"{name}: not measured here ({describe(exc)})")
             continue
@@ -278,7 +289,7 @@ def local_methods(s: CompareSettings, work: Workload) -> tuple[list[Method], lis
 
 
 def _local_fn(
-    name: str, s: CompareSettings, workers: int, closers: list[Any]
+    name: str, s: CompareSettings, workers: int, closers: list[Any], across: bool
 ) -> tuple[Callable[[list], list], int, PoolMethod | None]:
     """(the function over images, cores it uses, the Pool if it is the Pool)."""
     if name == "pool":
@@ -292,7 +303,7 @@ def _local_fn(
     engine = get_engine(name, 1 if name == "sequential" else workers)
     closers.append(engine)
     cores = 1 if name == "sequential" else engine.workers
-    return (lambda images: run_local(engine, s.pipeline, images)), cores, None
+    return (lambda images: run_local(engine, s.pipeline, images, across)), cores, None
 
 
 # -- the cluster and batch mode ----------------------------------------------------------------
@@ -308,12 +319,14 @@ def cluster_method(client: Any, s: CompareSettings, work: Workload) -> Method:
     name = f"cluster-n{info['ranks']}"
 
     def in_memory() -> list[np.ndarray]:
+        """One job of raw pixels; the results' pixels."""
         result = client.submit(work.images, s.pipeline, tile=s.tile).result(timeout=s.timeout)
         if not result.ok:
             raise CompareError(f"{name}: job {result.state}: {_errors(result.errors)}")
         return result.images
 
     def with_files() -> Path:
+        """One job of the files' bytes; each result written as it arrives."""
         assert work.paths is not None
         folder = work.folder(name)
         job = client.submit(work.paths, s.pipeline, tile=s.tile, result="same")
@@ -341,6 +354,7 @@ def batch_method(s: CompareSettings, work: Workload, ranks: int) -> Method:
     inputs = [arg for path in work.paths for arg in ("--input", str(path))]
 
     def run() -> Path:
+        """One timed run of the method."""
         folder = work.folder(name)
         cmd = mpi_command(ranks, "mpi_imgproc.batch", *inputs, "--output", str(folder), *ops)
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=s.timeout)
@@ -398,7 +412,9 @@ def run_compare(
         raise CompareError(f"repeat must be 1..50; got {s.repeat}")
     cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory(prefix="mpi-imgproc-compare-") as scratch:
-        work = Workload(list(images), list(names))
+        workers = s.workers or default_workers()
+        across = across_images(s.pipeline, len(images), workers)
+        work = Workload(list(images), list(names), across=across)
         if paths is not None:
             work.paths, work.scratch = [Path(p) for p in paths], Path(scratch)
         progress("sequential reference")
@@ -421,6 +437,7 @@ def run_compare(
         "megapixels": round(pixels / 1e6, 3),
         "repeat": s.repeat,
         "io": work.io,
+        "local_cut": "whole images" if across else f"{LOCAL_TILE}-px tiles",
         "ranks_measured": sorted({r["ranks"] for r in summary if r["kind"] == "cluster"}),
         "samples": samples,
         "summary": summary,
@@ -681,7 +698,9 @@ def markdown_report(result: dict[str, Any], plots: Sequence[str]) -> str:
         "",
         f"{result['images']} images ({result['megapixels']} Mpixel) through "
         f"`{' → '.join(result['pipeline'])}`, {result['repeat']} timed rounds after one "
-        "untimed; medians with min–max. Speedup: the sequential engine's median over the "
+        f"untimed; the local engines work across {result['local_cut']}"
+        f"{'; every method reads the files and writes its outputs' if result['io'] else ''}"
+        "; medians with min–max. Speedup: the sequential engine's median over the "
         "method's; efficiency: speedup over the cores the method used. Every output was "
         "compared with the sequential engine's, bit for bit.",
         "",
@@ -749,7 +768,7 @@ def load_inputs(
     """The images of ``folder`` (decoded), their names and paths, and a note per file left
     out (unreadable, or not an image)."""
     found, skipped = list_inputs([folder])
-    notes = [f"{p}: skipped ({why})" for p, why in skipped]
+    notes = [f"{p}: skipped ({why})" for p, why in skipped if not why.startswith("suffix")]
     images, names, paths = [], [], []
     for path in found[:most]:
         try:

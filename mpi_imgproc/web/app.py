@@ -64,6 +64,7 @@ class BodyLimit:
         seen = 0
 
         async def counted() -> dict:
+            """The next body message, counted against the limit."""
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
@@ -101,6 +102,7 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        """One cluster client and one job store for the app's life; files removed after."""
         client = AsyncClient(server, timeout=30.0)
         state["client"], state["store"] = client, JobStore(client, limits)
         state["info"], state["info_at"] = None, 0.0
@@ -120,6 +122,7 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
 
     @app.exception_handler(ImgprocError)
     async def imgproc_error(_: Request, exc: ImgprocError) -> JSONResponse:
+        """Every error of this package as JSON: its message and protocol code."""
         status = getattr(exc, "status", None)
         if status is None:
             status = 503 if isinstance(exc, ServerUnavailable) else 400
@@ -127,11 +130,13 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
         return JSONResponse({"detail": str(exc), "code": exc.code}, status_code=status)
 
     async def info(fresh: bool = False) -> dict[str, Any]:
+        """The cluster's ``info``, asked at most once a second (``fresh``: now)."""
         if fresh or state["info"] is None or time.monotonic() - state["info_at"] > 1.0:
             state["info"], state["info_at"] = await state["client"].info(), time.monotonic()
         return state["info"]
 
     def job_or_404(job_id: str) -> WebJob:
+        """The job, or 404 saying it is unknown or forgotten."""
         job = state["store"].get(job_id)
         if job is None:
             raise HTTPException(404, f"no job {job_id[:40]!r} here (unknown, or forgotten)")
@@ -139,14 +144,17 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
+        """The page."""
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     @app.get("/api/ops", summary="The op catalogue: classes, parameters, ranges")
     async def ops() -> list[dict[str, Any]]:
+        """Every op with its class, halo and parameters (type, default, range, choices)."""
         return [op.describe() for op in REGISTRY.values()]
 
     @app.get("/api/limits", summary="What one upload may hold")
     async def upload_limits() -> dict[str, Any]:
+        """The app's bounds and the cluster's, whichever is lower."""
         server_limits = (await info()).get("limits", {})
         return {
             "max_files": min(limits.max_files, server_limits.get("max_images", limits.max_files)),
@@ -163,6 +171,7 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
         openapi_extra={"requestBody": _upload_schema()},
     )
     async def submit(request: Request) -> dict[str, str]:
+        """Check each upload, send the good ones as one cluster job; ``{"job": ID}``."""
         server_limits = (await info()).get("limits", {})
         most_files = min(limits.max_files, server_limits.get("max_images", limits.max_files))
         form = await request.form(max_files=most_files, max_fields=8)
@@ -185,6 +194,7 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
 
     @app.get("/api/jobs/{job_id}", summary="A job's state, counts, errors and stats")
     async def job_status(job_id: str) -> dict[str, Any]:
+        """The job's state, names, results so far, errors, progress and stats."""
         return job_or_404(job_id).summary()
 
     @app.get(
@@ -193,6 +203,7 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
         response_class=StreamingResponse,
     )
     async def job_events(job_id: str, request: Request) -> StreamingResponse:
+        """The job's events as Server-Sent Events, resumed after ``Last-Event-ID``."""
         job = job_or_404(job_id)
         last = request.headers.get("last-event-id", "")
         start = int(last) + 1 if last.isdigit() and int(last) < 10**9 else 0
@@ -201,6 +212,7 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
 
     @app.get("/api/jobs/{job_id}/images/{index}", summary="One result: png, jpg or tif")
     async def job_image(job_id: str, index: int, format: str = "png") -> Response:
+        """One result: PNG as the cluster made it, or JPEG/TIFF converted from it."""
         job = job_or_404(job_id)
         data = job.results.get(index)
         if data is None:
@@ -214,6 +226,7 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
 
     @app.get("/api/jobs/{job_id}/inputs/{index}", summary="One uploaded image, to show")
     async def job_input(job_id: str, index: int) -> Response:
+        """One uploaded image, for the before view (PNG where a browser cannot show it)."""
         job = job_or_404(job_id)
         path = job.inputs[index] if 0 <= index < len(job.inputs) else None
         if path is None:
@@ -229,6 +242,7 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
 
     @app.get("/api/jobs/{job_id}/archive", summary="Every result of a job as a zip")
     async def job_archive(job_id: str, format: str = "png") -> Response:
+        """Every result of the job in one zip."""
         job = job_or_404(job_id)
         if format not in MEDIA:
             raise HTTPException(400, f"format must be one of {', '.join(MEDIA)}; got {format!r}")
@@ -239,11 +253,13 @@ def create_app(server: str = DEFAULT_ADDRESS, limits: Limits | None = None) -> F
 
     @app.delete("/api/jobs/{job_id}", summary="Cancel a job")
     async def job_cancel(job_id: str) -> dict[str, str]:
+        """Ask the cluster to cancel the job; the stream then ends with ``done``."""
         job = job_or_404(job_id)
         return {"job": job.id, "state": await state["store"].cancel(job)}
 
     @app.get("/api/cluster", summary="Ranks, hosts, engines, queue and per-rank load")
     async def cluster() -> dict[str, Any]:
+        """Ranks, hosts, engines, queue; per-rank busy share; the recent jobs' task stream."""
         return cluster_view(await info(), state["store"].finished, time.time())
 
     from .compare_view import add_compare_routes

@@ -61,6 +61,7 @@ def add_compare_routes(
 
     @app.post("/api/compare", summary="Compare every method on the uploaded images")
     async def start(request: Request) -> dict[str, str]:
+        """Decode the uploads and start the comparison on a thread; ``{"compare": ID}``."""
         running = next(iter(current.values()), None)
         if running is not None and running.state == "running":
             raise HTTPException(409, "a comparison is running; wait for it to finish")
@@ -93,10 +94,12 @@ def add_compare_routes(
 
     @app.get("/api/compare/{compare_id}", summary="A comparison's state and result")
     async def status(compare_id: str) -> dict[str, Any]:
+        """The comparison's state, the step it is on and, when done, its result."""
         return _get(current, compare_id).view()
 
     @app.get("/api/compare/{compare_id}/report.{ext}", summary="The report: md, html or csv")
     async def report(compare_id: str, ext: str) -> FileResponse:
+        """The finished comparison's report (Markdown, HTML) or summary table (CSV)."""
         job = _get(current, compare_id)
         if ext not in REPORTS:
             raise HTTPException(404, f"reports are report.md, report.html, report.csv; not {ext!r}")
