@@ -267,8 +267,9 @@ class Encoder(_Worker):
                 self.ready = self.done_rows.pop(self.ready)
             self.wake.notify_all()
 
-    def _rows(self, fd: int, offset: int) -> Iterator[bytes]:
-        """The image's rows in PNG's order (RGB, big-endian), as soon as they are finished."""
+    def _rows(self, fd: int, offset: int) -> Iterator[np.ndarray]:
+        """The image's rows in PNG's order (RGB, big-endian), as soon as they are finished,
+        a few MiB at a time."""
         height, width = self.shape[:2]
         bands = self.shape[2] if len(self.shape) == 3 else 1
         row_bytes = width * bands * self.dtype.itemsize
@@ -284,7 +285,7 @@ class Encoder(_Worker):
             raw = os.pread(fd, (upto - served) * row_bytes, offset + served * row_bytes)
             rows = np.frombuffer(raw, self.dtype).reshape(upto - served, width, bands)
             rows = rows[:, :, ::-1] if bands == 3 else rows
-            yield np.ascontiguousarray(rows, rows.dtype.newbyteorder(">")).tobytes()
+            yield rows.astype(self.dtype.newbyteorder(">")) if self.dtype.itemsize > 1 else rows
             served = upto
 
     def work(self) -> None:
@@ -294,71 +295,89 @@ class Encoder(_Worker):
             rows = self._rows(fd_in, _data_offset(fd_in))
             fd_out = _open_entry(self.root, self.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             if Path(self.target).suffix.lower() == ".png":
-                for chunk in png_stream(rows, self.shape, self.dtype, level=1):
-                    os.write(fd_out, chunk)
+                for piece in png_stream(rows, self.shape, self.dtype, level=1):
+                    _write_all(fd_out, piece)
             else:
                 _jpeg_from(png_stream(rows, self.shape, self.dtype, level=0), fd_out)
-            if self.stopped:
-                return
         finally:
             os.close(fd_in)
             if fd_out >= 0:
                 os.close(fd_out)
 
 
-def png_stream(rows: Iterable[bytes], shape: tuple, dtype: np.dtype, level: int) -> Iterator[bytes]:
-    """A PNG of ``shape``/``dtype`` from its raw rows (RGB order, big-endian), chunk by chunk:
-    zlib compresses (``level`` 0: stored, the cheapest way to hand pixels to libvips), and the
-    rows are filtered with PNG's filter 0 (none)."""
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def png_stream(
+    rows: Iterable[np.ndarray], shape: tuple, dtype: np.dtype, level: int
+) -> Iterator[bytes]:
+    """A PNG of ``shape``/``dtype`` from blocks of its rows (``(n, width, bands)`` in RGB order,
+    big-endian), piece by piece: zlib compresses (``level`` 0: stored, the cheapest way to hand
+    pixels to libvips), and every row has PNG's filter 0 (none)."""
     height, width = shape[:2]
     bands = shape[2] if len(shape) == 3 else 1
     colour = {1: 0, 3: 2, 4: 6}[bands]
     row_bytes = width * bands * dtype.itemsize
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
+    def chunk(kind: bytes, data: bytes) -> Iterator[bytes]:
+        yield struct.pack(">I", len(data)) + kind
+        yield data
+        yield struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
-    yield b"\x89PNG\r\n\x1a\n" + chunk(
+    yield b"\x89PNG\r\n\x1a\n"
+    yield from chunk(
         b"IHDR", struct.pack(">IIBBBBB", width, height, 8 * dtype.itemsize, colour, 0, 0, 0)
     )
     packer = zlib.compressobj(level)
     written = 0
     for block in rows:
-        n = len(block) // row_bytes
-        framed = bytearray(n * (row_bytes + 1))  # a filter byte (0) before every row
-        view = np.frombuffer(framed, np.uint8).reshape(n, row_bytes + 1)
-        view[:, 1:] = np.frombuffer(block, np.uint8).reshape(n, row_bytes)
+        n = block.shape[0]
+        framed = np.zeros((n, row_bytes + 1), np.uint8)  # a filter byte (0) before every row
+        if block.dtype.itemsize == 1:
+            framed[:, 1:].reshape(n, width, bands)[...] = block
+        else:
+            framed[:, 1:] = np.ascontiguousarray(block).reshape(n, -1).view(np.uint8)
         data = packer.compress(framed)
         written += n
         if data:
-            yield chunk(b"IDAT", data)
+            yield from chunk(b"IDAT", data)
     if written < height:
         raise OSError(f"the encoder stopped at row {written} of {height}")
-    yield chunk(b"IDAT", packer.flush()) + chunk(b"IEND", b"")
+    yield from chunk(b"IDAT", packer.flush())
+    yield from chunk(b"IEND", b"")
 
 
 def _jpeg_from(png: Iterator[bytes], fd_out: int) -> None:
     """Encode a streamed PNG as JPEG (quality 95, 4:2:0: OpenCV's defaults) with libvips,
-    which reads the stream as it comes."""
+    which reads it from a pipe as it comes (a thread here writes the pipe)."""
     import pyvips
 
-    pending = b""
+    read_end, write_end = os.pipe()
+    failure: list[BaseException] = []
 
-    def read(size: int) -> bytes:
-        nonlocal pending
-        while not pending:
-            pending = next(png, b"")
-            if not pending:
-                return b""
-        out, pending = pending[:size], pending[size:]
-        return out
+    def feed() -> None:
+        try:
+            for piece in png:
+                _write_all(write_end, piece)
+        except BaseException as exc:  # noqa: BLE001 - raised again below
+            failure.append(exc)
+        finally:
+            os.close(write_end)
 
-    source = pyvips.SourceCustom()
-    source.on_read(read)
-    image = pyvips.Image.new_from_source(source, "", access="sequential", fail_on="truncated")
-    image.jpegsave_target(pyvips.Target.new_to_descriptor(fd_out), Q=95, subsample_mode="on")
+    feeder = threading.Thread(target=feed, name="png-feed", daemon=True)
+    feeder.start()
+    try:
+        source = pyvips.Source.new_from_descriptor(read_end)
+        image = pyvips.Image.new_from_source(source, "", access="sequential", fail_on="truncated")
+        image.jpegsave_target(pyvips.Target.new_to_descriptor(fd_out), Q=95, subsample_mode="on")
+    finally:
+        os.close(read_end)  # a feeder still writing gets EPIPE and ends
+        feeder.join()
+    if failure:
+        raise failure[0]
 
 
 def remove(root: str | None, *paths: str | None) -> None:
