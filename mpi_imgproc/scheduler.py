@@ -482,6 +482,8 @@ class Scheduler:
         job = image.job
         assert job.targets is not None and image.source.path is not None
         target = job.targets(image)
+        if not job.root:  # batch mode's plain paths: the output tree is made as it is filled
+            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
         scratch = 0
         if kinds[0] == "stream":
             scratch += math.prod(in_shape) * dtype.itemsize

@@ -282,3 +282,23 @@ def test_images_with_bytes_after_their_end_are_processed(tmp_path):
     out = cv2.imread(str(tmp_path / "out" / "camera.jpg"), cv2.IMREAD_UNCHANGED)
     reference = Pipeline.parse(OPS[1::2]).apply(cv2.imdecode(np.frombuffer(data, np.uint8), -1))
     assert np.array_equal(out, cv2.imdecode(cv2.imencode(".jpg", reference)[1], -1))
+
+
+def test_shared_fs_reads_and_writes_region_formats_by_regions_in_nested_folders(tmp_path):
+    """--shared-fs uses the by-reference machinery: a TIFF goes by regions through one chain,
+    into an output folder tree that does not exist yet."""
+    import tifffile
+
+    image = random_image(np.random.default_rng(9), 300, 210, 3)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "scan.tif", image[..., ::-1], rowsperstrip=16)
+    ops = ["--op", "crop:x=5,y=0,width=200,height=300", "--op",
+           "resize:scale=0.5,interpolation=area", "--op", "sharpen"]  # fmt: skip
+    out = tmp_path / "out" / "new" / "deeper"
+    done = batch("--input", str(tmp_path / "in"), "--output", str(out), *ops, "--format", "same",
+                 "--shared-fs")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "batch-summary.json").read_text())
+    assert [r["path"] for r in summary["images"]] == ["regions"]
+    written = cv2.imread(summary["images"][0]["output"], cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(written, Pipeline.parse(ops[1::2]).apply(image))
