@@ -49,13 +49,20 @@ class MPIBackend(Backend):
 
     A dead worker (only survivable under ``mpiexec -disable-auto-cleanup``, see
     docs/fault-tolerance.md) is found by pinging every worker when Hydra signals a death, or
-    when a worker's pixels do not arrive in time: a worker that does not answer within
-    ``PING_TIMEOUT_S`` is buried, and its tasks come back as ``lost`` for the scheduler to hand
-    to the others.
+    when a worker's pixels do not arrive in time, or when a worker has not been heard of for
+    ``SILENCE_S`` (a cut link between nodes is silent: nobody dies, nothing arrives): a worker
+    that does not answer within ``PING_TIMEOUT_S`` is buried, and its tasks come back as
+    ``lost`` for the scheduler to hand to the others.  What a buried worker sends later (its
+    link back) is ignored.
+
+    The three times add up to less than the ~20 s after which UCX's TCP transport gives up on
+    a silent peer: MPICH's UCX device then crashes the next send to that rank, so rank 0 must
+    have buried it, and stopped sending to it, before (docs/multinode.md).
     """
 
     PING_TIMEOUT_S = 3.0
-    PIXELS_TIMEOUT_S = 60.0
+    PIXELS_TIMEOUT_S = 10.0
+    SILENCE_S = 10.0
 
     def __init__(self, comm: MPI.Comm, per_worker: int):
         self.comm = comm
@@ -65,6 +72,7 @@ class MPIBackend(Backend):
         self.assigned: dict[int, int] = {}  # task id -> rank
         self.sending: list[tuple[int, list[MPI.Request], tuple]] = []  # rank, requests, buffers
         self.pinging: dict[int, float] = {}  # rank -> deadline for its pong
+        self.heard = dict.fromkeys(self.load, time.monotonic())  # rank -> last word from it
         self.abandoned: list = []  # requests to dead ranks: never complete, never waited for
 
     def free_slots(self) -> int:
@@ -90,6 +98,7 @@ class MPIBackend(Backend):
         done = self._results()
         if RankWatch.take():
             self._ping_all()
+        self._ping_silent()
         return done + self._check_pings()
 
     def _results(self) -> list[Completion]:
@@ -99,13 +108,18 @@ class MPIBackend(Backend):
             started = time.perf_counter()
             rank = status.Get_source()
             header = recv_header(self.comm, status)
+            if rank not in self.load:  # buried: its tasks already run elsewhere
+                continue
+            self.heard[rank] = time.monotonic()
             result = None
             if "shape" in header:
                 into = self.destination(header) if self.destination else None
                 if into is None:
                     into = np.empty(header["shape"], dtype=header["dtype"])
+                pixels = as_bytes(into)
+                wait = self.PIXELS_TIMEOUT_S
                 if not recv_within(
-                    self.comm, as_bytes(into), rank, TAG_RESULT_PIXELS, self.PIXELS_TIMEOUT_S
+                    self.comm, pixels, rank, TAG_RESULT_PIXELS, wait, self.abandoned
                 ):
                     self._ping(rank)  # its pixels never came: is it still there?
                     header = {"task": header["task"], "lost": f"rank {rank}'s pixels never came"}
@@ -131,6 +145,12 @@ class MPIBackend(Backend):
         for rank in self.load:
             self._ping(rank)
 
+    def _ping_silent(self) -> None:
+        now = time.monotonic()
+        for rank in self.load:
+            if now - self.heard[rank] > self.SILENCE_S:
+                self._ping(rank)
+
     def _ping(self, rank: int) -> None:
         if rank in self.pinging or rank not in self.load:
             return
@@ -144,6 +164,7 @@ class MPIBackend(Backend):
         while self.pinging and self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG_PONG, status=status):
             recv_header(self.comm, status)
             self.pinging.pop(status.Get_source(), None)
+            self.heard[status.Get_source()] = time.monotonic()
         lost: list[Completion] = []
         now = time.monotonic()
         for rank in [r for r, deadline in self.pinging.items() if deadline < now]:

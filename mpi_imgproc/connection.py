@@ -547,6 +547,12 @@ class Connection:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.HEARTBEAT_IVL, ZMTP_HEARTBEAT_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ZMTP_TIMEOUT_MS)
+        # A reconnect to a host that has dropped off the network is never refused, only
+        # unanswered: without a limit it waits for the kernel (minutes), and no error comes.
+        sock.setsockopt(zmq.CONNECT_TIMEOUT, ZMTP_TIMEOUT_MS)
+        # Heartbeats queue behind a large message: a send stalled on a dead link is ended by
+        # the kernel instead (TCP_USER_TIMEOUT on Linux), so a cut mid-upload is noticed.
+        sock.setsockopt(zmq.TCP_MAXRT, ZMTP_TIMEOUT_MS)
         monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
         try:
             if self.curve_keys:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -126,7 +126,15 @@ def running_cluster(ranks: int = 3, *args: str, survive: bool = False) -> Iterat
     cmd = mpi_command(
         ranks, "mpi_imgproc.server", "--bind", "tcp://127.0.0.1:*", *args, survive=survive
     )
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with serving(cmd) as cluster:
+        yield cluster
+
+
+@contextmanager
+def serving(cmd: Sequence[str], env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """Run ``cmd`` (an mpiexec line that starts the server) until its address is printed;
+    SIGTERM, then kill its process group after.  ``env``: extra environment variables."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,

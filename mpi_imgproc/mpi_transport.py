@@ -57,11 +57,15 @@ class RankWatch:
         return noticed
 
 
-def recv_within(comm: MPI.Comm, buffer: list, source: int, tag: int, seconds: float) -> bool:
+def recv_within(
+    comm: MPI.Comm, buffer: list, source: int, tag: int, seconds: float, keep: list
+) -> bool:
     """Receive into ``buffer`` from ``source``, giving up after ``seconds`` (a dead sender).
 
     Rank 0 must never block for good on one worker: a blocking ``Recv`` from a rank that died
-    between its header and its pixels would never return.  The wait is a throttled poll.
+    between its header and its pixels would never return.  The wait is a throttled poll.  A
+    receive given up is not cancelled (cancelling one whose transfer has begun, as over a cut
+    link, crashes MPICH's UCX device): it goes into ``keep`` with its buffer, to stay alive.
     """
     request = comm.Irecv(buffer, source=source, tag=tag)
     deadline = time.monotonic() + seconds
@@ -73,7 +77,7 @@ def recv_within(comm: MPI.Comm, buffer: list, source: int, tag: int, seconds: fl
             if RankWatch.noticed:
                 deadline = min(deadline, time.monotonic() + 1.0)
             if time.monotonic() > deadline:
-                request.Cancel()
+                keep.append((source, [request], (buffer,)))
                 return False
             backoff.sleep()
     except MPI.Exception:  # e.g. a shared-memory copy from a process that no longer exists
