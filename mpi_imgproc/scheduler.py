@@ -484,19 +484,20 @@ class Scheduler:
         target = job.targets(image)
         if not job.root:  # batch mode's plain paths: the output tree is made as it is filled
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        scratch = 0
+        # The output (raw, for streamed ones; a resize may make it far larger than the input)
+        # and a streamed input's decoded pixels must fit on the disk before any is written.
+        scratch = math.prod(shape) * dtype.itemsize
+        what = "the output"
         if kinds[0] == "stream":
             scratch += math.prod(in_shape) * dtype.itemsize
-        if kinds[1] == "stream":
-            scratch += math.prod(shape) * dtype.itemsize
-        if scratch:
-            folder = os.path.dirname(target)
-            fd = open_beneath(job.root, folder, directory=True) if job.root else None
-            try:
-                streamio.check_scratch(fd_path(fd) if fd is not None else folder, scratch)
-            finally:
-                if fd is not None:
-                    os.close(fd)
+            what = "the output and the decoded input"
+        folder = os.path.dirname(target)
+        fd = open_beneath(job.root, folder, directory=True) if job.root else None
+        try:
+            streamio.check_scratch(fd_path(fd) if fd is not None else folder, scratch, what)
+        finally:
+            if fd is not None:
+                os.close(fd)
         if kinds[1] == "stream":
             image.partial = streamio.temporary(target, "out")
             image.encoder = streamio.Encoder(

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .datapaths import fd_path, open_beneath, use_beneath
-from .errors import describe, error_code
+from .errors import ImageReadError, ImageWriteError, ImgprocError, describe, error_code
 from .imageio import probe
 
 STREAM_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
@@ -125,14 +125,14 @@ def streamable(root: str | None, path: str) -> tuple[tuple[int, ...], np.dtype] 
     return use_beneath(root, path, look)
 
 
-def check_scratch(folder: str, nbytes: int) -> None:
+def check_scratch(folder: str, nbytes: int, what: str = "the output") -> None:
     """Refuse (OSError with the figures) when ``folder`` has not ``nbytes`` free, plus 5 %."""
     stat = os.statvfs(folder)
     free = stat.f_bavail * stat.f_frsize
     if nbytes * 1.05 > free:
-        raise OSError(
-            f"streaming needs {nbytes / 2**30:.2f} GiB of scratch space beside the output for "
-            f"the decoded pixels, and {free / 2**30:.2f} GiB are free there"
+        raise ImageWriteError(
+            f"{what} needs {nbytes / 2**30:.2f} GiB of free space beside the output, and "
+            f"{free / 2**30:.2f} GiB are free there"
         )
 
 
@@ -180,6 +180,9 @@ def _as_project_order(strip: np.ndarray) -> np.ndarray:
 class _Worker(threading.Thread):
     """A thread that records its outcome: ``error`` is ``(code, message)`` or None."""
 
+    failure: type[ImgprocError] = ImgprocError  # what an unexpected error is reported as
+    doing = "streaming"
+
     def __init__(self, name: str):
         super().__init__(name=name, daemon=True)
         self.error: tuple[str, str] | None = None
@@ -198,6 +201,8 @@ class _Worker(threading.Thread):
             self.work()
         except Exception as exc:  # noqa: BLE001 - reported to the scheduler as the image's error
             if not self.stopped:
+                if not isinstance(exc, ImgprocError):  # libvips' or the OS's words, one line
+                    exc = self.failure(f"{self.doing}: {' '.join(str(exc).split())}")
                 self.error = (error_code(exc), describe(exc))
         finally:
             self.finished = True
@@ -209,6 +214,8 @@ class _Worker(threading.Thread):
 class Decoder(_Worker):
     """Decodes ``source`` into the preallocated ``.npy`` ``target``, strip by strip; ``rows``
     tells how many rows are there so far (see the module docstring)."""
+
+    failure, doing = ImageReadError, "cannot decode"
 
     def __init__(self, root: str | None, source: str, target: str):
         super().__init__("decode")
@@ -252,6 +259,8 @@ class Decoder(_Worker):
 class Encoder(_Worker):
     """Encodes the rows of the ``.npy`` ``source`` into ``target`` (JPEG or PNG, by its
     suffix) as they are finished: ``finish(y0, y1)`` says rows ``y0:y1`` are written."""
+
+    failure, doing = ImageWriteError, "cannot encode"
 
     def __init__(self, root: str | None, source: str, target: str, shape: tuple, dtype: Any):
         super().__init__("encode")

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from mpi_imgproc import streamio
+from mpi_imgproc.errors import ImageWriteError
 from mpi_imgproc.regionio import create_output
 
 pytestmark = pytest.mark.skipif(not streamio.available(), reason="pyvips (libvips) not installed")
@@ -139,8 +140,9 @@ def test_a_truncated_jpeg_is_an_error_not_a_short_image(tmp_path):
     decoder = streamio.Decoder(str(tmp_path), str(tmp_path / "cut.jpg"), str(tmp_path / "cut.npy"))
     decoder.run()
     assert decoder.error is not None and decoder.rows < shape[0]
+    assert decoder.error[0] == "image_read_error", decoder.error
 
 
 def test_scratch_space_is_checked_before_anything_is_written(tmp_path):
-    with pytest.raises(OSError, match="GiB of scratch space"):
+    with pytest.raises(ImageWriteError, match="the output needs .* GiB of free space"):
         streamio.check_scratch(str(tmp_path), 2**62)
