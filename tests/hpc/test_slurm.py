@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from refusal import SERVE, the_one_refusal
 from slurm import Slurm, free_port, missing_requirements, one_host_slurm
 
 from mpi_imgproc.client import Client
@@ -85,17 +86,10 @@ def test_srun_with_pmi2_gives_the_mpich_wheel_one_world(slurm):
 
 def test_srun_with_a_pmi_the_mpi_does_not_speak_is_refused_in_one_line(slurm):
     # --mpi=none: MPICH finds no PMI and every task initialises alone, a world of one each.
-    ran = slurm.run(
-        "srun", "-n", "3", "--mpi=none", sys.executable, "-m", "mpi_imgproc.server",
-        "--bind", "tcp://127.0.0.1:*",
-        timeout=60,
-    )  # fmt: skip
-    assert ran.returncode == 2, ran.stdout + ran.stderr
-    assert "listening on" not in ran.stdout
-    ours = [line for line in ran.stderr.splitlines() if line.startswith("mpi_imgproc server:")]
-    assert len(ours) == 1, ran.stderr
-    assert "srun started 3 processes (SLURM_STEP_NUM_TASKS=3) but MPI sees one" in ours[0]
-    assert "--mpi plugin" in ours[0]
+    ran = slurm.run("srun", "-n", "3", "--mpi=none", sys.executable, *SERVE, timeout=60)
+    line = the_one_refusal(ran)
+    assert "srun started 3 processes (SLURM_STEP_NUM_TASKS=3) but MPI sees one" in line
+    assert "--mpi plugin" in line
 
 
 def test_batch_sbatch_finishes_with_its_summary(slurm, tmp_path):
