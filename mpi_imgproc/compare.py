@@ -37,11 +37,12 @@ from __future__ import annotations
 import argparse
 import html
 import multiprocessing
+import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ SUMMARY_COLUMNS = [
     "method", "kind", "ranks", "cores", "samples", "median_s", "min_s", "max_s", "speedup",
     "speedup_min", "speedup_max", "efficiency", "images_per_s", "exact",
 ]  # fmt: skip
+CHUNK = 16  # images per cluster job (Client.map's chunk)
 LOCAL_TILE = 512  # tiles of one large image for the local engines (below: whole images)
 
 
@@ -144,6 +146,7 @@ class Method:
     ranks: int
     cores: int
     run: Runner
+    stats: dict[str, Any] = field(default_factory=dict)  # a cluster job's ``done`` stats
 
 
 class Reference:
@@ -310,37 +313,45 @@ def _local_fn(
 
 
 def cluster_method(client: Any, s: CompareSettings, work: Workload) -> Method:
-    """Jobs through a running cluster: raw pixels both ways, or (``--io``) the files' bytes
-    up and the encoded results written to files by the client."""
+    """Jobs through a running cluster with ``Client.map`` (jobs of at most ``CHUNK`` images,
+    a few in flight, each within the server's request limit): raw pixels both ways, or
+    (``--io``) the files' bytes up and the encoded results written to files by the client.
+    ``Method.stats`` keeps the ``done`` stats of the last job (for the per-rank plots)."""
     from .bench import ClusterShape
 
     info = client.info()
     shape = ClusterShape.from_info(info, default_workers())
     name = f"cluster-n{info['ranks']}"
+    method = Method(name, "cluster", int(info["ranks"]), shape.cores_used, lambda: [])
+
+    def items(sources: Sequence[Any], result: str) -> Iterator[Any]:
+        """Each image's item as it completes; the first error ends the run."""
+        with client.map(sources, s.pipeline, window=4, chunk=CHUNK, tile=s.tile,
+                        result=result, timeout=s.timeout) as stream:  # fmt: skip
+            for item in stream:
+                if not item.ok:
+                    code, message = item.error
+                    raise CompareError(f"{name}: {item.name}: {code}: {message}")
+                yield item
+            method.stats = stream.jobs[-1].get("stats", {}) if stream.jobs else {}
 
     def in_memory() -> list[np.ndarray]:
-        """One job of raw pixels; the results' pixels."""
-        result = client.submit(work.images, s.pipeline, tile=s.tile).result(timeout=s.timeout)
-        if not result.ok:
-            raise CompareError(f"{name}: job {result.state}: {_errors(result.errors)}")
-        return result.images
+        """The images as raw pixels; the results' pixels in input order."""
+        outputs: list[Any] = [None] * len(work.images)
+        for item in items(work.images, "raw"):
+            outputs[item.index] = item.image()
+        return outputs
 
     def with_files() -> Path:
-        """One job of the files' bytes; each result written as it arrives."""
+        """The files' bytes; each encoded result written as it arrives."""
         assert work.paths is not None
         folder = work.folder(name)
-        job = client.submit(work.paths, s.pipeline, tile=s.tile, result="same")
-        for event in job.events(timeout=s.timeout):
-            if event.type == "image_error":
-                raise CompareError(f"{name}: {event.header['code']}: {event.header['message']}")
-            if event.type == "result":
-                write_atomic(work.target(event.header["index"], folder), event.frames[0])
-            if event.type == "done" and event.header["state"] != "done":
-                raise CompareError(f"{name}: job {event.header['state']}")
+        for item in items(work.paths, "same"):
+            write_atomic(work.target(item.index, folder), item.event.frames[0])
         return folder
 
-    run = with_files if work.io else in_memory
-    return Method(name, "cluster", int(info["ranks"]), shape.cores_used, run)
+    method.run = with_files if work.io else in_memory
+    return method
 
 
 def batch_method(s: CompareSettings, work: Workload, ranks: int) -> Method:
@@ -411,6 +422,7 @@ def run_compare(
     if not 1 <= s.repeat <= 50:
         raise CompareError(f"repeat must be 1..50; got {s.repeat}")
     cv2.setNumThreads(1)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="mpi-imgproc-compare-") as scratch:
         workers = s.workers or default_workers()
         across = across_images(s.pipeline, len(images), workers)
@@ -437,6 +449,10 @@ def run_compare(
         "megapixels": round(pixels / 1e6, 3),
         "repeat": s.repeat,
         "io": work.io,
+        "machine": {
+            "cores": default_workers(),
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        },
         "local_cut": "whole images" if across else f"{LOCAL_TILE}-px tiles",
         "ranks_measured": sorted({r["ranks"] for r in summary if r["kind"] == "cluster"}),
         "samples": samples,
@@ -461,9 +477,9 @@ def _measure_clusters(
     if s.server:
         progress("cluster: the running one")
         with Client(s.server, timeout=60.0) as client:
-            samples += time_rounds([cluster_method(client, s, work)], reference, s.repeat,
-                                   progress)  # fmt: skip
-            job_stats = _one_job(client, s, work)
+            method = cluster_method(client, s, work)
+            samples += time_rounds([method], reference, s.repeat, progress)
+            job_stats = method.stats
         return samples, job_stats
     for ranks in sorted(set(s.ranks)):
         progress(f"cluster-n{ranks}: starting mpiexec -n {ranks}")
@@ -472,18 +488,13 @@ def _measure_clusters(
                 with Client(cluster.address, timeout=60.0) as client:
                     method = cluster_method(client, s, work)
                     samples += time_rounds([method], reference, s.repeat, progress)
-                    job_stats = _one_job(client, s, work)
+                    job_stats = method.stats
             if s.batch:
                 samples += time_rounds([batch_method(s, work, ranks)], reference, s.repeat,
                                        progress)  # fmt: skip
         except (ImgprocError, RuntimeError, subprocess.TimeoutExpired) as exc:
             s.notes.append(f"-n {ranks}: not measured ({describe(exc)})")
     return samples, job_stats
-
-
-def _one_job(client: Any, s: CompareSettings, work: Workload) -> dict[str, Any]:
-    """The ``done`` stats of one more job of the workload's images (for the per-rank plots)."""
-    return client.submit(work.images, s.pipeline, tile=s.tile).result(timeout=s.timeout).stats
 
 
 def summarise(samples: Sequence[dict[str, Any]], images: int) -> list[dict[str, Any]]:
@@ -706,6 +717,8 @@ def markdown_report(result: dict[str, Any], plots: Sequence[str]) -> str:
         "",
         f"**{result['headline']}**",
         "",
+        _machine_line(result),
+        "",
         markdown_table(_table_rows(result["summary"]), columns),
         "",
         "## Findings",
@@ -717,6 +730,17 @@ def markdown_report(result: dict[str, Any], plots: Sequence[str]) -> str:
     if images:
         lines += ["## Plots", "", *[f"![{Path(p).stem}]({p})" for p in images], ""]
     return "\n".join(lines)
+
+
+def _machine_line(result: dict[str, Any]) -> str:
+    """Cores and the load average before and after: other work on the machine shows here."""
+    machine = result.get("machine", {})
+    load = machine.get("load_average", [None, None])
+    return (
+        f"Machine: {machine.get('cores')} usable cores; load average {load[0]} at the start, "
+        f"{load[1]} at the end (above the core count, other work shared the machine and "
+        "every figure is worse and noisier)."
+    )
 
 
 def html_report(result: dict[str, Any], out: Path, plots: Sequence[Path]) -> str:
