@@ -174,3 +174,25 @@ def test_sharpen_looks_up_exactly_what_its_float64_formula_gives(rng, amount, sh
     expected = np.clip(np.rint(image + amount * detail.astype(np.float64).reshape(shape)), 0, 255)
     got = get_op("sharpen").run(image, {"amount": amount})
     assert got.dtype == np.uint8 and np.array_equal(got, expected.astype(np.uint8))
+
+
+def _abs_sum_reference(parts, like):
+    total = sum(np.abs(p.astype(np.float64)) for p in parts)
+    return np.clip(np.rint(total), 0, 255).astype(like.dtype)
+
+
+@pytest.mark.parametrize("ksize", [1, 3, 5, 7])
+@pytest.mark.parametrize("shape", [(41, 37), (23, 29, 3)])
+def test_8_bit_edges_saturate_exactly_as_their_float64_formula(rng, ksize, shape):
+    """sobel and laplacian add saturated absolute values in 8 bits; the float64 sum is the
+    definition (16-bit gradients that saturate at ksize 7 included)."""
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    image[::5] = 255
+    image[1::5] = 0  # the steepest edges, both signs
+    gx = cv2.Sobel(image, cv2.CV_16S, 1, 0, ksize=ksize)
+    gy = cv2.Sobel(image, cv2.CV_16S, 0, 1, ksize=ksize)
+    sobel = get_op("sobel").run(image, {"ksize": ksize})
+    assert np.array_equal(sobel, _abs_sum_reference([gx, gy], image))
+    lap = cv2.Laplacian(image, cv2.CV_16S, ksize=ksize)
+    laplacian = get_op("laplacian").run(image, {"ksize": ksize})
+    assert np.array_equal(laplacian, _abs_sum_reference([lap], image))
