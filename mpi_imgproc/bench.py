@@ -640,6 +640,15 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--experiments", default=",".join(EXPERIMENTS), help="which experiments")
     p.add_argument("--seed", type=int, default=12345, help="seed of the generated images")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per job")
+    nodes = p.add_argument_group("across simulated nodes (root: network namespaces)")
+    nodes.add_argument("--nodes", type=int, metavar="K", help="scale over 1..K worker nodes")
+    nodes.add_argument(
+        "--link", default="1gbit,10gbit", help="link rates to shape every node's link to"
+    )
+    nodes.add_argument("--ranks-per-node", type=int, default=1, help="worker ranks per node")
+    nodes.add_argument(
+        "--batch-images", type=int, default=2000, help="JPEGs for the batch workload (0: none)"
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -714,7 +723,11 @@ def check_settings(s: Settings) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the sweep (or ``--recommend``), write the files, print where they are."""
+    """Run the sweep (or ``--recommend``, or ``--nodes``), write the files, print where."""
+    if args.nodes is not None:
+        from .bench_nodes import cmd_node_bench  # it builds on this module
+
+        return cmd_node_bench(args)
     s = settings_from_args(args)
     s.out.mkdir(parents=True, exist_ok=True)
     if args.recommend:

@@ -20,11 +20,13 @@ import cv2
 import numpy as np
 import pytest
 
+from mpi_imgproc.bench_nodes import LinkWatch, summarise
 from mpi_imgproc.client import Client, ServerGone
 from mpi_imgproc.pipeline import Pipeline
 from mpi_imgproc.simnodes import (
     NETNS_ETC,
     Link,
+    LinkCounters,
     SimNodes,
     SimNodesError,
     run_to_end,
@@ -307,3 +309,42 @@ def test_cutting_rank_0s_node_gives_the_client_an_error_not_a_hang(can_make_node
         sim.mend(sim.nodes[0])
         assert cluster.proc.wait(timeout=30) != 0
         assert "every worker rank has died" in cluster.drain()
+
+
+# -- bench --nodes ------------------------------------------------------------------------------
+
+
+def test_the_peak_link_rate_is_the_busiest_tenth_of_a_second():
+    watch = LinkWatch(sim=None)
+    total = 0
+    for i in range(51):  # 1 MB per 20 ms (400 Mbit/s), and 5 MB in the 20 ms after 0.5 s
+        total += 0 if i == 0 else 5_000_000 if i == 26 else 1_000_000
+        watch.samples.append((i * 0.02, {"n": LinkCounters(sent=total, received=0)}))
+    assert watch.peak_bps("n") == pytest.approx(8 * 9_000_000 / 0.1)
+    assert watch.carried()["n"] == LinkCounters(total, 0)
+
+
+def test_speedups_are_against_one_process_and_against_one_node():
+    samples = [
+        {"workload": "strong", "link": "1gbit", "nodes": n, "round": r, "wall_s": w}
+        for n, walls in ((1, [4.0, 4.2]), (2, [2.5, 2.5])) for r, w in enumerate(walls, 1)
+    ]  # fmt: skip
+    one, two = summarise(samples, {"strong": 8.2})
+    assert (one["wall_s"], one["speedup"], one["vs_one_node"]) == (4.1, 2.0, 1.0)
+    assert (two["speedup"], two["vs_one_node"], two["efficiency"]) == (3.28, 1.64, 0.82)
+
+
+def test_bench_across_nodes_checks_its_outputs_and_reports_every_link(can_make_nodes, tmp_path):
+    cmd = [sys.executable, "-m", "mpi_imgproc.cli", "bench", "--nodes", "2", "--link", "1gbit"]
+    cmd += ["--size", "400x300", "--op", "gaussian_blur:ksize=5", "--batch-images", "6"]
+    cmd += ["--repeat", "1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "nodes.json").read_text())
+    rows = {(r["workload"], r["nodes"]): r for r in result["summary"]}
+    assert set(rows) == {(w, n) for w in ("strong", "batch") for n in (1, 2)}
+    assert len(rows["strong", 2]["workers_received_mb"]) == 2
+    assert rows["strong", 1]["rank0_received_mb"] >= 2 * 400 * 300 * 3 / 1e6  # upload, results
+    assert 0 < rows["strong", 1]["rank0_peak_use"] <= 1.05
+    report = (tmp_path / "nodes.md").read_text()
+    assert f"The nodes share one machine's {CORES} cores" in report
