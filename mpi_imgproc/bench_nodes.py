@@ -161,13 +161,15 @@ def placement(workers_nodes: int, ranks_per_node: int) -> list[int]:
 
 
 def measure_strong(
-    sim: SimNodes, s: NodeSettings, n: int, inputs: Inputs, case: Case
+    sim: SimNodes, s: NodeSettings, n: int, inputs: Inputs, case: Case, info: dict
 ) -> list[dict]:
-    """Start the server on ``n`` worker nodes; one warm-up, then ``repeat`` checked jobs."""
+    """Start the server on ``n`` worker nodes; one warm-up, then ``repeat`` checked jobs.
+    ``info`` gets the server's ``info`` reply (for the versions in the report)."""
     args = ["--insecure", "--engine", s.engine]
     rows = []
     with running_server(sim, placement(n, s.ranks_per_node), *args) as cluster:
         with Client(cluster.address, timeout=60.0) as client:
+            info.update(client.info())
             for rnd in range(s.repeat + 1):
                 with LinkWatch(sim) as watch:
                     wall, result = run_job(client, case, inputs.images(case.workload), s.timeout)
@@ -272,16 +274,16 @@ def run_node_bench(s: NodeSettings) -> dict[str, Any]:
         files = make_dataset(data, s.batch_images, s.seed % 1000)
         expected, walls = batch_reference(files, s.repeat, s.out)
         reference["batch"] = median(walls)
-    samples = []
+    samples, info = [], {}
     with simulated_nodes(s.nodes + 1) as sim:
         for link in s.links:
             sim.shape(link)
             for n in range(1, s.nodes + 1):
                 log(f"nodes: {n} worker node(s), link {link}")
-                samples += measure_strong(sim, s, n, inputs, case)
+                samples += measure_strong(sim, s, n, inputs, case, info)
                 if s.batch_images:
                     samples += measure_batch(sim, s, n, data, expected)
-    machine = machine_info(None, "not used")
+    machine = machine_info(info, "not used")
     machine["parallel_capacity"] = [capacity, parallel_capacity(default_workers())]
     return {
         "command": s.command,

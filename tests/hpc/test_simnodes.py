@@ -343,8 +343,9 @@ def test_bench_across_nodes_checks_its_outputs_and_reports_every_link(can_make_n
     result = json.loads((tmp_path / "nodes.json").read_text())
     rows = {(r["workload"], r["nodes"]): r for r in result["summary"]}
     assert set(rows) == {(w, n) for w in ("strong", "batch") for n in (1, 2)}
-    assert len(rows["strong", 2]["workers_received_mb"]) == 2
-    assert rows["strong", 1]["rank0_received_mb"] >= 2 * 400 * 300 * 3 / 1e6  # upload, results
+    assert rows["strong", 1]["rank0_received_mb"] >= 400 * 300 * 3 / 1e6  # the upload at least
+    assert all(mb > 0 for mb in rows["batch", 2]["workers_received_mb"])  # both got files
+    assert len(rows["batch", 2]["workers_received_mb"]) == 2
     assert 0 < rows["strong", 1]["rank0_peak_use"] <= 1.05
     report = (tmp_path / "nodes.md").read_text()
     assert f"The nodes share one machine's {CORES} cores" in report
