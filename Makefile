@@ -42,7 +42,7 @@ format:
 	$(BIN)/ruff check --fix mpi_imgproc tests benchmarks
 
 bench:
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/bench_engines.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" sh benchmarks/compare.sh bench-out/compare
 
 # The whole measurement flow in under a minute: CSV, JSON, plots and report in bench-out/quick.
 bench-quick:
