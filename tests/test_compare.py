@@ -4,12 +4,8 @@ output checked equal to the sequential engine's, figures only where they were me
 from __future__ import annotations
 
 import json
-import time
-import urllib.request
 
-import numpy as np
 import pytest
-from cluster import running_cluster
 from conftest import write_images
 
 from mpi_imgproc.cli import main
@@ -96,36 +92,3 @@ def test_compare_refuses_bad_settings_before_measuring(tmp_path, capsys, flag, v
     assert main([*args, flag, value]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-
-
-def test_the_page_compare_view_reports_the_running_cluster(tmp_path):
-    pytest.importorskip("fastapi", reason="the web extra (fastapi) is not installed")
-    from test_web_api import multipart
-
-    from mpi_imgproc.web.command import running_web
-
-    files = [(p.name, p.read_bytes()) for p in write_images(tmp_path, 3, size=(120, 160))]
-    files.append(("bad.png", b"nope"))
-    body, ctype = multipart(files, pipeline='["box_blur:ksize=5"]', repeat="1")
-    with running_cluster(2) as cluster, running_web(cluster.address) as url:
-        request = urllib.request.Request(f"{url}/api/compare", body, {"Content-Type": ctype})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            compare = json.loads(response.read())["compare"]
-        deadline = time.monotonic() + 120
-        while True:
-            with urllib.request.urlopen(f"{url}/api/compare/{compare}", timeout=30) as response:
-                view = json.loads(response.read())
-            if view["state"] != "running" or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert view["state"] == "done", view
-        methods = {row["method"]: row for row in view["result"]["summary"]}
-        assert {"sequential", "threads", "processes", "pool", "cluster-n2"} <= set(methods)
-        assert all(row["exact"] for row in methods.values())
-        assert any("bad.png" in note for note in view["result"]["notes"])
-        with urllib.request.urlopen(f"{url}/api/compare/{compare}/report.html") as response:
-            page = response.read().decode()
-        assert "cluster-n2" in page and "<svg" in page
-        with urllib.request.urlopen(f"{url}/api/compare/{compare}/report.md") as response:
-            assert response.read().startswith(b"# Method comparison")
-    assert np.isfinite(methods["cluster-n2"]["speedup"])

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import pytest
 from cluster import running_cluster
-from conftest import random_image
+from conftest import random_image, write_images
 
 from mpi_imgproc.pipeline import Pipeline
 from mpi_imgproc.web.command import running_web
@@ -214,6 +214,30 @@ def test_ops_cluster_and_openapi_describe_what_is_there(web):
     schema = json.loads(get(f"{web}/openapi.json"))
     assert {"/api/jobs", "/api/jobs/{job_id}/events", "/api/cluster"} <= set(schema["paths"])
     assert b"swagger" in get(f"{web}/docs").lower()
+
+
+def test_the_compare_view_runs_every_method_asked_on_the_running_cluster(web, tmp_path):
+    files = [(p.name, p.read_bytes()) for p in write_images(tmp_path, 3, size=(120, 160))]
+    files.append(("bad.png", b"nope"))
+    body, ctype = multipart(
+        files, pipeline='["box_blur:ksize=5"]', repeat="1", methods="threads,pool"
+    )
+    request = urllib.request.Request(f"{web}/api/compare", body, {"Content-Type": ctype})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        compare = json.loads(response.read())["compare"]
+    deadline = time.monotonic() + 120
+    while (view := json.loads(get(f"{web}/api/compare/{compare}")))["state"] == "running":
+        assert time.monotonic() < deadline, view
+        time.sleep(0.3)
+    assert view["state"] == "done", view
+    methods = {row["method"]: row for row in view["result"]["summary"]}
+    assert set(methods) == {"sequential", "threads", "pool", "cluster-n3"}
+    assert all(row["exact"] and np.isfinite(row["speedup"]) for row in methods.values())
+    assert any("bad.png" in note for note in view["result"]["notes"])
+    page = get(f"{web}/api/compare/{compare}/report.html").decode()
+    assert "cluster-n3" in page and "<svg" in page
+    assert get(f"{web}/api/compare/{compare}/report.md").startswith(b"# Method comparison")
+    assert get(f"{web}/api/compare/{compare}/report.csv").startswith(b"method,")
 
 
 def test_the_event_stream_adds_little_to_a_job(web):

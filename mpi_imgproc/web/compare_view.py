@@ -73,6 +73,7 @@ def add_compare_routes(
                 raise UploadRefused("'pipeline' must be a JSON list of ops", 400)
             pipeline = Pipeline.from_json(_json(raw))
             repeat = _repeat(form.get("repeat"))
+            methods = _methods(form.get("methods"))
             files = [
                 f for key, f in form.multi_items() if key == "files" and not isinstance(f, str)
             ]
@@ -87,7 +88,7 @@ def add_compare_routes(
         current.clear()
         job = Comparison(Path(tempfile.mkdtemp(prefix="mpi-imgproc-compare-")))
         current[job.id] = job
-        settings = CompareSettings(pipeline, LOCAL_METHODS, (), repeat, server=server)
+        settings = CompareSettings(pipeline, methods, (), repeat, server=server)
         settings.notes.extend(notes)
         asyncio.get_running_loop().run_in_executor(None, _run, job, images, names, settings)
         return {"compare": job.id}
@@ -143,6 +144,17 @@ def _repeat(raw: Any) -> int:
     if not isinstance(raw, str) or not raw.isdigit() or not 1 <= int(raw) <= MAX_REPEAT:
         raise UploadRefused(f"'repeat' must be 1..{MAX_REPEAT}; got {str(raw)[:20]!r}", 400)
     return int(raw)
+
+
+def _methods(raw: Any) -> list[str]:
+    """The optional ``methods`` field: local methods, comma-separated (default: all)."""
+    if raw is None or raw == "":
+        return list(LOCAL_METHODS)
+    names = [m.strip() for m in str(raw)[:200].split(",") if m.strip()]
+    unknown = [m for m in names if m not in LOCAL_METHODS]
+    if unknown or not names:
+        raise UploadRefused(f"'methods' must name some of {', '.join(LOCAL_METHODS)}", 400)
+    return ["sequential", *[m for m in names if m != "sequential"]]
 
 
 def _decoded(
