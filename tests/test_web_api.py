@@ -211,6 +211,9 @@ def test_ops_cluster_and_openapi_describe_what_is_there(web):
     cluster = json.loads(get(f"{web}/api/cluster"))
     assert cluster["info"]["ranks"] == 3 and [r["rank"] for r in cluster["rank_rows"]] == [1, 2]
     assert all(0.0 <= r["busy_share"] <= 1.0 for r in cluster["rank_rows"])
+    limits = json.loads(get(f"{web}/api/limits"))
+    assert limits["max_files"] == 4 and limits["max_pixels"] == 4_000_000  # the flags given
+    assert limits["max_request_bytes"] == 4 << 20
     schema = json.loads(get(f"{web}/openapi.json"))
     assert {"/api/jobs", "/api/jobs/{job_id}/events", "/api/cluster"} <= set(schema["paths"])
     assert b"swagger" in get(f"{web}/docs").lower()
