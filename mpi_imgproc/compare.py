@@ -548,9 +548,13 @@ def headline(summary: Sequence[dict[str, Any]]) -> str:
     best = max(exact, key=lambda r: r["speedup"])
     return (
         f"fastest: {best['method']}, {best['speedup']:.2f}× the sequential engine "
-        f"({best['median_s']:.3f} s median on {best['cores']} cores); every result "
+        f"({best['median_s']:.3f} s median on {_cores(best['cores'])}); every result "
         + ("equal to the sequential one" if all(r["exact"] for r in summary) else "NOT all equal")
     )
+
+
+def _cores(n: int) -> str:
+    return "1 core" if n == 1 else f"{n} cores"
 
 
 def findings(summary: Sequence[dict[str, Any]], notes: Sequence[str]) -> list[str]:
@@ -562,7 +566,7 @@ def findings(summary: Sequence[dict[str, Any]], notes: Sequence[str]) -> list[st
         row = rows.get(method)
         if row and row["speedup"]:
             out.append(
-                f"{method}: {row['speedup']:.2f}× on {row['cores']} cores "
+                f"{method}: {row['speedup']:.2f}× on {_cores(row['cores'])} "
                 f"(efficiency {100 * row['efficiency']:.0f} %)."
             )
     if rows.get("pool") and rows.get("processes"):
@@ -591,7 +595,7 @@ def findings(summary: Sequence[dict[str, Any]], notes: Sequence[str]) -> list[st
             if row["speedup"] < 1
             else ""
         )
-        out.append(f"{row['method']}: {row['speedup']:.2f}× on {row['cores']} cores{tail}.")
+        out.append(f"{row['method']}: {row['speedup']:.2f}× on {_cores(row['cores'])}{tail}.")
     measured = sorted({r["ranks"] for r in summary if r["kind"] != "local"})
     if measured:
         out.append(
