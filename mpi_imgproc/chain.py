@@ -22,9 +22,13 @@ How each step maps an output box back to an input box (boxes are ``(y0, y1, x0, 
 
 Where that alignment is exact (checked by the property tests in ``tests/test_chain.py``):
 
-* ``nearest``, ``area`` and ``linear`` (OpenCV's bit-exact bilinear, ``INTER_LINEAR_EXACT``,
-  whose coefficients are computed in double precision) for any period up to
-  :data:`MAX_RESIZE_PERIOD` rows;
+* ``nearest`` needs no alignment at all: OpenCV's row and column maps are read off OpenCV once
+  (a resize of an index column) and the strip is gathered through them, at any sizes;
+* ``linear`` (OpenCV's bit-exact bilinear, ``INTER_LINEAR_EXACT``, whose coefficients are
+  computed in double precision) and ``area`` when neither side grows, for any period up to
+  :data:`MAX_RESIZE_PERIOD` rows; an enlarging ``area`` takes OpenCV's generic path, whose
+  double-precision ``floor`` of a window's small coordinates can differ from the whole image's
+  large ones, so it runs whole;
 * ``cubic`` and ``lanczos`` compute the source coordinate in single precision, whose rounding
   depends on the coordinate's magnitude: a window's small local coordinates round differently
   from the whole image's large ones.  They are chained only when every coordinate is exactly
@@ -40,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 import cv2
@@ -69,6 +73,32 @@ def resize_period(in_rows: int, out_rows: int, interpolation: str) -> tuple[int,
     return p, q
 
 
+def resize_cut(shape: tuple[int, ...], out: tuple[int, ...], interpolation: str) -> str | None:
+    """How a resize from ``shape`` to ``out`` is cut into strips exactly: ``gather`` (nearest:
+    OpenCV's own row and column maps, then indexing), ``aligned`` (windows on the ratio's
+    period), or None (it runs whole).
+
+    ``area`` is aligned only when neither side grows: enlarging, OpenCV's area mode takes its
+    generic path, whose double-precision ``floor`` differs between a window's coordinates and
+    the whole image's.
+    """
+    if interpolation == "nearest":
+        return "gather"
+    if interpolation == "area" and (out[0] > shape[0] or out[1] > shape[1]):
+        return None
+    return "aligned" if resize_period(shape[0], out[0], interpolation) else None
+
+
+@lru_cache(maxsize=64)
+def nearest_map(size: int, out: int) -> np.ndarray:
+    """The source index OpenCV's nearest resize takes for each of ``out`` outputs along an axis
+    of ``size``, read off OpenCV itself (the map along one axis does not depend on the other)."""
+    cv2.ipp.setUseIPP(False)
+    index = np.arange(size, dtype=np.int32).reshape(size, 1)
+    mapped = cv2.resize(index, (1, out), interpolation=cv2.INTER_NEAREST)
+    return mapped.reshape(out)
+
+
 def chainable(step: Step, shape: tuple[int, ...], after: Sequence[Step] = ()) -> bool:
     """Whether ``step`` on an input of ``shape`` can join a chain of the steps ``after``.
 
@@ -82,7 +112,7 @@ def chainable(step: Step, shape: tuple[int, ...], after: Sequence[Step] = ()) ->
     if step.op.name != "resize":
         return False
     out = step.op.output_shape(shape, step.params)
-    return resize_period(shape[0], out[0], step.params["interpolation"]) is not None
+    return resize_cut(shape, out, step.params["interpolation"]) is not None
 
 
 def _clip(box: Box, shape: Sequence[int]) -> Box:
@@ -125,30 +155,53 @@ class Link:
             if p["angle"] == 270:  # out[i, j] = in[j, w-1-i]
                 return x0, x1, w - y1, w - y0
             return h - y1, h - y0, w - x1, w - x0
+        if self._gathered:
+            rows, cols = self._maps
+            return (int(rows[y0:y1].min()), int(rows[y0:y1].max()) + 1,
+                    int(cols[x0:x1].min()), int(cols[x0:x1].max()) + 1)  # fmt: skip
         return self._resize_window(y0, y1)[0]
+
+    @cached_property
+    def _gathered(self) -> bool:
+        return self.name == "resize" and self.step.params["interpolation"] == "nearest"
+
+    @cached_property
+    def _maps(self) -> tuple[np.ndarray, np.ndarray]:
+        (h, w), (out_h, out_w) = self.shape_in[:2], self.shape_out[:2]
+        return nearest_map(h, out_h), nearest_map(w, out_w)
 
     def _resize_window(self, y0: int, y1: int) -> tuple[Box, int]:
         """The aligned input window for output rows ``[y0, y1)`` and its first output row."""
         (h, w), out_h = self.shape_in[:2], self.shape_out[0]
-        period = resize_period(h, out_h, self.step.params["interpolation"])
+        mode = self.step.params["interpolation"]
+        period = resize_period(h, out_h, mode)
         assert period is not None, "a resize is chained only with a period"
         p, q = period
         first, last = y0 // p, -(-y1 // p)  # whole periods covering the rows
-        reach = -(-(5 + math.ceil(q / p)) // q)  # periods of margin beyond the widest kernel
+        # input rows of margin beyond the kernel: its taps past the centre, a cell when shrinking
+        taps = {"linear": 2, "area": 2, "cubic": 3, "lanczos": 5}[mode] + math.ceil(q / p)
+        reach = -(-taps // q)  # in whole periods
         start = max(0, first - reach)
         return (start * q, min(h, (last + reach) * q), 0, w), start * p
 
     def forward(self, pixels: np.ndarray, have: Box, want: Box) -> np.ndarray:
         """This step's output over ``want``, from ``pixels`` covering input box ``have``."""
         need = self.need(want)
-        if self.name == "resize":
+        if self.name == "resize" and not self._gathered:
             need, first_row = self._resize_window(want[0], want[1])
         top, left = need[0] - have[0], need[2] - have[2]
         block = pixels[top : top + need[1] - need[0], left : left + need[3] - need[2]]
+        if self._gathered:
+            self.step.op.check_image(block)
+            rows, cols = self._maps
+            picked = np.take(block, rows[want[0] : want[1]] - need[0], axis=0)
+            return np.take(picked, cols[want[2] : want[3]] - need[2], axis=1)
         if self.name == "resize":
             return self._resize(block, first_row, want)
         if self.step.op.view is not None:
             self.step.op.check_image(block)
+            if block.ndim == 3 and block.shape[2] == 1:  # as OpenCV's kernel shapes it
+                return self.step.op.func(block, **self._block_params(block))
             return np.ascontiguousarray(self.step.op.view(block, **self._block_params(block)))
         out = self.step.run(block)
         y0, x0 = want[0] - need[0], want[2] - need[2]
@@ -206,21 +259,30 @@ class ChainStage(Stage):
         rows stay rows)."""
         rows = 1
         for link in self.links:
-            if link.name == "resize":
-                period = resize_period(link.shape_in[0], link.shape_out[0], "nearest")
+            if link.name == "resize" and not link._gathered:
+                period = resize_period(link.shape_in[0], link.shape_out[0], "linear")
                 assert period is not None
                 rows = max(rows, 2 * period[0])
         return rows
 
     def tiles(self, rows: int) -> list[Tile]:
-        """Output strips of ``rows`` rows (0: one tile), each with its exact input region."""
+        """Output strips of ``rows`` rows (0: one tile), each with its exact input region.
+
+        Strips are made taller (doubling) while their input windows together would read more
+        than three times the input: halos before a resize, or a resize's aligned windows, can
+        otherwise dwarf thin strips."""
         out_h, out_w = self.output_shape[:2]
         rows = out_h if rows <= 0 else max(rows, self.min_rows())
-        tiles = []
-        for i, y in enumerate(range(0, out_h, rows)):
-            core = (y, min(out_h, y + rows), 0, out_w)
-            tiles.append(Tile(i, core, self.source_box(core)))
-        return tiles
+        area = self.shape[0] * self.shape[1]
+        while True:
+            tiles = []
+            for i, y in enumerate(range(0, out_h, rows)):
+                core = (y, min(out_h, y + rows), 0, out_w)
+                tiles.append(Tile(i, core, self.source_box(core)))
+            read = sum((r[1] - r[0]) * (r[3] - r[2]) for r in (t.region for t in tiles))
+            if rows >= out_h or read <= 3 * area:
+                return tiles
+            rows *= 2
 
     @staticmethod
     def placement(tile: Tile) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpi_imgproc.chain import ChainStage, resize_period
+from mpi_imgproc.chain import ChainStage, resize_cut, resize_period
 from mpi_imgproc.local_engines import get_engine
 from mpi_imgproc.pipeline import Pipeline, stage_from_json
 from mpi_imgproc.tiling import run_pipeline
@@ -80,12 +80,12 @@ def test_chained_resize_equals_the_whole_image(chain, tile):
     stages = Pipeline.parse(specs).stages_for(pixels.shape)
     resize = next(s for s in specs if s.startswith("resize"))
     mode = resize.rsplit("=", 1)[1]
-    height = pixels.shape[0]
     out_rows = int(resize.split("height=")[1].split(",")[0])
-    period = resize_period(height, out_rows, mode)
-    if period is not None:
+    out_cols = int(resize.split("width=")[1].split(",")[0])
+    in_shape = Pipeline.parse(specs[: specs.index(resize)] or ["invert"]).output_shape(pixels.shape)
+    if resize_cut(in_shape, (out_rows, out_cols), mode) is not None:
         (chain,) = [s for s in stages if isinstance(s, ChainStage) and resize in _specs(s)]
-        assert len(chain.tiles(tile)) > 1 or out_rows <= max(tile, 2 * period[0])
+        assert len(chain.tiles(tile)) > 1 or out_rows <= 16 * max(tile, chain.min_rows())
     _check(pixels, specs, tile)
 
 
@@ -103,7 +103,8 @@ def test_crop_resize_sharpen_is_one_tiled_pass(engine):
 
 
 @pytest.mark.parametrize("mode", ["nearest", "linear", "area"])
-@pytest.mark.parametrize("ratio", [(9, 10), (11, 10), (1, 3), (7, 4)])
+@pytest.mark.parametrize("ratio", [(9, 10), (11, 10), (1, 3), (7, 4), (5, 7), (10, 7), (5, 14),
+                                   (3, 13)])  # fmt: skip
 def test_resize_strips_are_exact_at_large_coordinates(mode, ratio):
     """Tall, narrow images: strips far from row 0, where coordinates are large."""
     p, q = ratio
@@ -111,6 +112,34 @@ def test_resize_strips_are_exact_at_large_coordinates(mode, ratio):
     pixels = np.random.default_rng(3).integers(0, 256, (height, 5, 3), dtype=np.uint8)
     specs = [f"resize:height={height * p // q},width=4,interpolation={mode}"]
     _check(pixels, specs, 997)
+
+
+@pytest.mark.parametrize("rows", [(700, 500), (1000, 1429), (997, 13), (1201, 4000), (3, 1000)])
+@pytest.mark.parametrize("cols", [(41, 29), (29, 41), (17, 17)])
+def test_nearest_strips_gather_through_opencvs_own_maps(rows, cols):
+    """Any sizes, no period: strips of a nearest resize index the rows OpenCV picks."""
+    (h, out_h), (w, out_w) = rows, cols
+    pixels = np.random.default_rng(h).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    specs = [f"resize:height={out_h},width={out_w},interpolation=nearest", "flip:axis=both"]
+    (stage,) = Pipeline.parse(specs).stages_for(pixels.shape)
+    assert isinstance(stage, ChainStage)
+    _check(pixels, specs, 7)
+
+
+def test_an_enlarging_area_resize_runs_whole_and_exact():
+    specs = ["resize:height=1000,width=40,interpolation=area", "sharpen"]
+    pixels = np.random.default_rng(2).integers(0, 256, (700, 40, 3), dtype=np.uint8)
+    stages = Pipeline.parse(specs).stages_for(pixels.shape)
+    assert not any(isinstance(s, ChainStage) and len(s.steps) > 1 for s in stages)
+    _check(pixels, specs, 16)
+
+
+def test_halos_before_a_resize_make_strips_taller_not_reads_larger():
+    specs = ["gaussian_blur:ksize=99", "resize:scale=0.5,interpolation=area"]
+    (stage,) = Pipeline.parse(specs).stages_for((400, 300, 3))
+    tiles = stage.tiles(1)
+    read = sum((t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) for t in tiles)
+    assert read <= 3 * 400 * 300 and len(tiles) > 1
 
 
 def test_single_precision_modes_with_long_periods_run_whole():
