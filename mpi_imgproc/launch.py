@@ -47,6 +47,9 @@ def mpi_command(ranks: int, module: str, *args: str, survive: bool = False) -> l
     ``survive``: launch so that the job outlives a dead worker rank (docs/fault-tolerance.md).
     """
     launcher = [mpiexec(), "-disable-auto-cleanup"] if survive else [mpiexec()]
+    # The processes engine sets MPI4PY_RC_INITIALIZE=0 in its own process for its children;
+    # a cluster started from such a process must still initialise MPI on every rank.
+    launcher += ["-genv", "MPI4PY_RC_INITIALIZE", "1"]
     rank = [*RANK_SHELL, sys.executable] if survive else [sys.executable]
     return [*launcher, "-n", str(ranks), *rank, "-m", module, *args]
 
@@ -135,6 +138,7 @@ def serving(cmd: Sequence[str], env: dict[str, str] | None = None) -> Iterator[C
     """Run ``cmd`` (an mpiexec line that starts the server) until its address is printed;
     SIGTERM, then kill its process group after.  ``env``: extra environment variables."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    env.pop("MPI4PY_RC_INITIALIZE", None)  # see mpi_command
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
