@@ -240,6 +240,11 @@ class SimNodes:
         launch = [mpiexec(), "-launcher", "ssh", "-launcher-exec", str(self.launcher)]
         launch += ["-f", str(self.hostfile(ranks_per_node)), "-n", str(sum(ranks_per_node))]
         launch += ["-disable-auto-cleanup"] if survive else []
+        launch += [
+            "-genv",
+            "MPI4PY_RC_INITIALIZE",
+            "1",
+        ]  # as launch.mpi_command, for the same reason
         rank = [*RANK_SHELL, sys.executable] if survive else [sys.executable]
         env = [f"{k}={v}" for k, v in MPI_ENV.items()]
         return self.head.command("env", *env, *launch, *rank, "-m", module, *args)
