@@ -195,7 +195,8 @@ class Link:
             self.step.op.check_image(block)
             rows, cols = self._maps
             picked = np.take(block, rows[want[0] : want[1]] - need[0], axis=0)
-            return np.take(picked, cols[want[2] : want[3]] - need[2], axis=1)
+            picked = np.take(picked, cols[want[2] : want[3]] - need[2], axis=1)
+            return picked[:, :, 0] if picked.ndim == 3 and picked.shape[2] == 1 else picked
         if self.name == "resize":
             return self._resize(block, first_row, want)
         if self.step.op.view is not None:

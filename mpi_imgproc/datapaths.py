@@ -136,3 +136,26 @@ def replace_beneath(root: str, source: str, target: str) -> None:
         )
     finally:
         os.close(dfd)
+
+
+def create_beneath(root: str | None, path: str, make: Any) -> Any:
+    """``make(new)`` for a file created at ``path`` by this call: exclusively (an existing
+    file or a symlink planted at the name is refused, never followed), in a folder checked to
+    be under ``root`` when given; ``new`` is the created file's ``/proc/self/fd`` path, so a
+    writer that takes only paths writes that file and no other."""
+    folder, name = os.path.split(path)
+    dfd = open_beneath(root, folder, directory=True) if root else os.open(
+        folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    )  # fmt: skip
+    try:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, 0o666, dir_fd=dfd)
+        except FileExistsError:
+            raise PathRefused(f"{path}: something is already there") from None
+        try:
+            return make(fd_path(fd))
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)

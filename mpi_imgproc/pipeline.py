@@ -332,6 +332,8 @@ class ViewStage(Stage):
     def process(self, pixels: np.ndarray) -> np.ndarray:
         self.step.op.check_image(pixels)
         assert self.step.op.view is not None
+        if pixels.ndim == 3 and pixels.shape[2] == 1:  # shaped as OpenCV's kernel shapes it
+            return self.step.run(pixels)
         return self.step.op.view(pixels, **self.step.params)
 
     def to_json(self) -> dict[str, Any]:

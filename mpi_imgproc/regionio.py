@@ -120,10 +120,14 @@ def open_region(path: str, name: str | None = None) -> RegionReader | None:
     return reader
 
 
-def create_output(path: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """Preallocate an output that workers fill region by region (``write_region``)."""
+def create_output(
+    path: str, shape: tuple[int, ...], dtype: np.dtype, name: str | None = None
+) -> None:
+    """Preallocate an output that workers fill region by region (``write_region``); ``name``
+    gives the format by its suffix where ``path`` has none (a file just created, by its
+    ``/proc/self/fd`` path, see :func:`mpi_imgproc.datapaths.create_beneath`)."""
     try:
-        if Path(path).suffix.lower() == ".npy":
+        if Path(name or path).suffix.lower() == ".npy":
             np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
             return
         channels = shape[2] if len(shape) == 3 else 1
@@ -167,7 +171,8 @@ def write_region(path: str, y0: int, x0: int, block: np.ndarray) -> None:
     del rows, out
 
 
-def partial_name(target: str) -> str:
-    """Where an output is built before it is renamed into place (same folder, same suffix)."""
+def partial_name(target: str, tag: str = "") -> str:
+    """Where an output is built before it is renamed into place (same folder, same suffix);
+    ``tag`` (a job's and image's) keeps two jobs writing one target from sharing it."""
     path = Path(target)
-    return str(path.with_name(f".{path.stem}.part{path.suffix}"))
+    return str(path.with_name(f".{path.stem}{f'.{tag}' if tag else ''}.part{path.suffix}"))

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import streamio
 from .chain import ChainStage
-from .datapaths import fd_path, open_beneath, replace_beneath, use_beneath
+from .datapaths import create_beneath, fd_path, open_beneath, replace_beneath, use_beneath
 from .errors import ImgprocError, describe, error_code
 from .imageio import encode
 from .imagetask import ENCODED, PATH, PIXELS, as_buffer
@@ -118,6 +118,7 @@ class ImageWork:
     uploaded: bool = True  # False until a client's upload of it arrives (server jobs)
     partial: str | None = None  # a region output being filled, renamed into place when done
     decoded: str | None = None  # a streamed input's raw pixels (streamio), removed at the end
+    built: str | None = None  # a streamed output being encoded, renamed into place when done
     decoder: streamio.Decoder | None = None
     encoder: streamio.Encoder | None = None
     gated: deque[tuple[int, Task]] = field(default_factory=deque)  # waiting for decoded rows
@@ -258,6 +259,7 @@ class Scheduler:
         self.running: dict[int, Task] = {}
         self.streams: list[ImageWork] = []  # images with a decoder or encoder thread
         self.stream_min_bytes = streamio.STREAM_MIN_BYTES
+        self.promised: dict[int, int] = {}  # id(image) -> disk bytes its region files need
         self._task_ids = itertools.count(1)
 
     # -- jobs -------------------------------------------------------------------------
@@ -275,6 +277,7 @@ class Scheduler:
         for image in job.images:
             image.pixels, image.merger, image.finished = None, None, True
             image.source.pixels = image.source.data = None
+            self._discard(image)  # now: a shutdown does not step again
         self._finish(job, state, message)
 
     def forget(self, job_id: str) -> None:
@@ -337,6 +340,8 @@ class Scheduler:
     def _start_next_image(self, job: Job) -> None:
         """Start images in order until one yields a task (a bad image yields none)."""
         while job.next_image < len(job.images) and not job.ready and job.active:
+            if sum(1 for i in self.streams if i.job is job) >= MAX_STREAMS_PER_JOB:
+                return  # their tasks wait for decoded rows: start no more decoders meanwhile
             image = job.images[job.next_image]
             if not image.uploaded:
                 return  # images start in order; this one's data has not arrived yet
@@ -462,6 +467,7 @@ class Scheduler:
             header["margins"] = margins
             gate = tile.region[1] if image.decoder is not None else None
             self._queue(image, (header, None), tile, gate)
+        image.gated = deque(sorted(image.gated, key=lambda g: g[0]))  # flips read rows late
         for thread in (image.decoder, image.encoder):
             if thread is not None:
                 thread.start()
@@ -484,9 +490,11 @@ class Scheduler:
         target = job.targets(image)
         if not job.root:  # batch mode's plain paths: the output tree is made as it is filled
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-        # The output (raw, for streamed ones; a resize may make it far larger than the input)
-        # and a streamed input's decoded pixels must fit on the disk before any is written.
-        scratch = math.prod(shape) * dtype.itemsize
+        # The output (raw, for streamed ones, and then its encoding; a resize may make it far
+        # larger than the input) and a streamed input's decoded pixels must fit on the disk,
+        # beside what the images already running have been promised, before any is written.
+        out_bytes = math.prod(shape) * dtype.itemsize
+        scratch = out_bytes * (2 if kinds[1] == "stream" else 1)
         what = "the output"
         if kinds[0] == "stream":
             scratch += math.prod(in_shape) * dtype.itemsize
@@ -494,23 +502,27 @@ class Scheduler:
         folder = os.path.dirname(target)
         fd = open_beneath(job.root, folder, directory=True) if job.root else None
         try:
-            streamio.check_scratch(fd_path(fd) if fd is not None else folder, scratch, what)
+            promised = sum(self.promised.values())
+            streamio.check_scratch(
+                fd_path(fd) if fd is not None else folder, scratch + promised, what
+            )
         finally:
             if fd is not None:
                 os.close(fd)
+        self.promised[id(image)] = scratch
+        tag = f"{job.id[-8:]}{image.index}"  # two jobs writing one target never share files
         if kinds[1] == "stream":
-            image.partial = streamio.temporary(target, "out")
-            image.encoder = streamio.Encoder(
-                job.root, image.partial, partial_name(target), shape, dtype
-            )
+            image.partial = streamio.temporary(target, "out", tag)
+            image.built = partial_name(target, tag)
+            image.encoder = streamio.Encoder(job.root, image.partial, image.built, shape, dtype)
         else:
-            image.partial = partial_name(target)
-        use_beneath(job.root, image.partial, partial_fn(create_output, shape=shape, dtype=dtype),
-                    entry=True)  # fmt: skip
+            image.partial = partial_name(target, tag)
+        make = partial_fn(create_output, shape=shape, dtype=dtype, name=image.partial)
+        create_beneath(job.root, image.partial, make)
         if kinds[0] == "stream":
-            image.decoded = streamio.temporary(target, "in")
-            create = partial_fn(create_output, shape=in_shape, dtype=dtype)
-            use_beneath(job.root, image.decoded, create, entry=True)
+            image.decoded = streamio.temporary(target, "in", tag)
+            make = partial_fn(create_output, shape=in_shape, dtype=dtype, name=image.decoded)
+            create_beneath(job.root, image.decoded, make)
             image.decoder = streamio.Decoder(job.root, image.source.path, image.decoded)
 
     def _advance_streams(self) -> bool:
@@ -519,42 +531,44 @@ class Scheduler:
         progressed = False
         for image in list(self.streams):
             if image.finished:  # failed or cancelled: its threads stop and its files go
-                self._end_stream(image)
+                self._discard(image)
                 continue
-            for thread in (image.decoder, image.encoder):
-                if thread is not None and thread.error is not None:
-                    self._fail_image(image, *thread.error)
-                    progressed = True
-                    break
-            if image.finished:
+            # ``finished`` is read before ``error``: a thread sets its error, then finished.
+            ended = [t is not None and t.finished for t in (image.decoder, image.encoder)]
+            failed = next(
+                (t.error for t, end in zip((image.decoder, image.encoder), ended)
+                 if end and t is not None and t.error is not None),
+                None,
+            )  # fmt: skip
+            if failed is not None:
+                self._fail_image(image, *failed)
+                progressed = True
                 continue
             if image.decoder is not None:
                 while image.gated and image.gated[0][0] <= image.decoder.rows:
                     image.job.ready.append(image.gated.popleft()[1])
                     progressed = True
-            encoder = image.encoder
-            if image.pending == 0 and (encoder is None or encoder.finished):
+            if image.pending == 0 and (image.encoder is None or ended[1]):
                 self._regions_done(image)
                 progressed = True
         return progressed
 
-    def _end_stream(self, image: ImageWork, keep: str | None = None) -> None:
-        """Stop an image's decoder and encoder and remove its temporary files (all but
-        ``keep``; an image that ended without being written loses its partial output too)."""
+    def _discard(self, image: ImageWork, keep: str | None = None) -> None:
+        """Stop an image's decoder and encoder and remove its files by regions: the scratch
+        files, and (unless it is ``keep``, the finished output about to take its name) the
+        partial output."""
         with contextlib.suppress(ValueError):
             self.streams.remove(image)
+        self.promised.pop(id(image), None)
         for thread in (image.decoder, image.encoder):
             if thread is not None:
                 thread.stop()
                 if thread.ident is not None:  # started
                     thread.join(timeout=10)
-        target = image.job.targets(image) if image.job.targets else None
-        leftovers = [image.decoded, image.partial if image.encoder or not keep else None]
-        if image.encoder is not None and target:
-            leftovers.append(partial_name(target))
-        streamio.remove(image.job.root, *(p for p in leftovers if p != keep))
+        leftovers = (image.decoded, image.partial, image.built)
+        streamio.remove(image.job.root, *(p for p in leftovers if p and p != keep))
         image.decoder = image.encoder = None
-        image.decoded = None
+        image.decoded = image.partial = image.built = None
         image.gated.clear()
 
     def _regions_done(self, image: ImageWork) -> None:
@@ -562,13 +576,18 @@ class Scheduler:
         job = image.job
         assert job.targets is not None and image.partial is not None
         target = job.targets(image)
-        built = partial_name(target) if image.encoder is not None else image.partial
-        self._end_stream(image, keep=built)
-        if job.root:
-            replace_beneath(job.root, built, target)
-        else:
-            os.replace(built, target)
-        image.partial = None
+        built = image.built or image.partial
+        self._discard(image, keep=built)
+        try:
+            if job.root:
+                replace_beneath(job.root, built, target)
+            else:
+                os.replace(built, target)
+        except (OSError, ImgprocError) as exc:
+            streamio.remove(job.root, built)
+            why = f"cannot put the output in place: {describe(exc)}"
+            self._fail_image(image, "image_write_error", why)
+            return
         self._image_done(image, ImageResult(written=target))
 
     def _image_task(self, image: ImageWork) -> tuple[dict[str, Any], np.ndarray | None]:
@@ -755,13 +774,7 @@ class Scheduler:
         job = image.job
         image.finished, image.pixels, image.merger = True, None, None
         image.source.pixels = image.source.data = None
-        if image.decoder is not None or image.encoder is not None:
-            self._end_stream(image)
-        if image.partial is not None:  # never leave a half-written output behind
-            streamio.remove(job.root, image.partial)
-            image.partial = None
-        streamio.remove(job.root, image.decoded)
-        image.decoded = None
+        self._discard(image)  # never leave a half-written output or scratch file behind
         job.ready = deque(t for t in job.ready if t.image is not image)
         job.failed += 1
         job.images_done += 1
@@ -776,6 +789,9 @@ class Scheduler:
     def _finish(self, job: Job, state: str, message: str | None) -> None:
         job.state, job.message, job.ended = state, message, time.perf_counter()
         job.listener.finished(job)
+
+
+MAX_STREAMS_PER_JOB = 2  # images of one job decoded or encoded by rank 0 at the same time
 
 
 def _io_kind(path: str) -> str | None:

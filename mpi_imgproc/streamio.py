@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import struct
 import threading
 import zlib
@@ -41,6 +42,9 @@ STRIP_ROWS = 128  # rows decoded (and made available to workers) at a time
 # and encodes it, or rank 0 decodes it and tiles it): a thread and two scratch files would cost
 # more than they save.  The server's --stream-min-mb sets it.
 STREAM_MIN_BYTES = 32 << 20
+MAX_ROW_BYTES = 64 << 20  # a wider image is not streamed (a strip holds at least one row)
+STRIP_BYTES = 16 << 20  # at most this much of the image is decoded at a time
+JPEG_MAX_SIDE = 65500  # libjpeg's limit
 
 
 def available() -> bool:
@@ -52,10 +56,11 @@ def available() -> bool:
     return True
 
 
-def temporary(target: str, role: str) -> str:
-    """A hidden raw file beside ``target`` for its decoded input or its rows before encoding."""
+def temporary(target: str, role: str, tag: str = "") -> str:
+    """A hidden raw file beside ``target`` for its decoded input or its rows before encoding;
+    ``tag`` (a job's and image's) keeps two jobs writing one target apart."""
     path = Path(target)
-    return str(path.with_name(f".{path.name}.{role}.part.npy"))
+    return str(path.with_name(f".{path.name}{f'.{tag}' if tag else ''}.{role}.part.npy"))
 
 
 def _png_is_plain(fp: Any) -> bool:
@@ -64,7 +69,7 @@ def _png_is_plain(fp: Any) -> bool:
     head = fp.read(33)
     if head[:8] != b"\x89PNG\r\n\x1a\n" or len(head) < 33:
         return False
-    if head[25] not in (0, 2, 6):  # colour type: gray, RGB, RGBA
+    if head[25] not in (0, 2, 6) or head[28] != 0:  # gray, RGB, RGBA; not interlaced
         return False
     fp.seek(33)
     while True:
@@ -77,6 +82,9 @@ def _png_is_plain(fp: Any) -> bool:
         if kind == b"IDAT":
             return True
         fp.seek(size + 4, os.SEEK_CUR)
+
+
+_PROGRESSIVE = (0xC2, 0xC6, 0xCA, 0xCE)  # SOF markers of progressive JPEGs
 
 
 def _jpeg_frame(fp: Any) -> tuple[int, int] | None:
@@ -94,6 +102,8 @@ def _jpeg_frame(fp: Any) -> tuple[int, int] | None:
             return None
         (size,) = struct.unpack(">H", length)
         if 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
+            if marker[1] in _PROGRESSIVE:  # libvips holds the whole image to decode these
+                return None
             frame = fp.read(6)
             return (frame[0], frame[5]) if len(frame) == 6 else None
         fp.seek(size - 2, os.SEEK_CUR)
@@ -111,6 +121,8 @@ def streamable(root: str | None, path: str) -> tuple[tuple[int, ...], np.dtype] 
         if probed is None:
             return None
         height, width, channels, nbytes = probed
+        if width * channels * nbytes > MAX_ROW_BYTES:
+            return None
         if suffix == ".png":
             with open(name, "rb") as fp:
                 if not _png_is_plain(fp):
@@ -141,7 +153,8 @@ def encodable(target: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
     suffix = Path(target).suffix.lower()
     channels = shape[2] if len(shape) == 3 else 1
     if suffix in (".jpg", ".jpeg"):
-        return channels in (1, 3) and dtype == np.uint8 and available()
+        fits = max(shape[:2]) <= JPEG_MAX_SIDE
+        return fits and channels in (1, 3) and dtype == np.uint8 and available()
     return suffix == ".png" and channels in (1, 3) and dtype in (np.uint8, np.uint16)
 
 
@@ -245,14 +258,15 @@ class Decoder(_Worker):
             if got != tuple(shape) or np.dtype(dtype) != declared:
                 raise OSError(f"decoded as {got} {np.dtype(dtype)}, the header said {shape}")
             row_bytes = image.width * image.bands * np.dtype(dtype).itemsize
-            for y in range(0, image.height, STRIP_ROWS):
+            step = max(1, min(STRIP_ROWS, STRIP_BYTES // row_bytes))
+            for y in range(0, image.height, step):
                 if self.stopped:
                     return
-                rows = min(STRIP_ROWS, image.height - y)
+                rows = min(step, image.height - y)
                 data = image.crop(0, y, image.width, rows).write_to_memory()
                 strip = np.frombuffer(data, dtype).reshape(rows, image.width, image.bands)
-                os.pwrite(fd_out, np.ascontiguousarray(_as_project_order(strip)).data,
-                          offset + y * row_bytes)  # fmt: skip
+                block = np.ascontiguousarray(_as_project_order(strip))
+                _pwrite_all(fd_out, memoryview(block).cast("B"), offset + y * row_bytes)
                 self.rows = y + rows
 
 
@@ -268,6 +282,7 @@ class Encoder(_Worker):
         self.shape, self.dtype = shape, np.dtype(dtype)
         self.done_rows: dict[int, int] = {}  # y0 -> y1 of finished strips not yet contiguous
         self.ready = 0  # rows 0:ready are finished
+        self.quit = threading.Event()  # the writer gave up: stop reading rows
 
     def finish(self, y0: int, y1: int) -> None:
         with self.wake:
@@ -285,10 +300,10 @@ class Encoder(_Worker):
         served = 0
         while served < height:
             with self.wake:
-                while self.ready <= served and not self.stopped:
+                while self.ready <= served and not self.stopped and not self.quit.is_set():
                     self.wake.wait(0.5)
                 upto = self.ready
-            if self.stopped:
+            if self.stopped or self.quit.is_set():
                 return
             upto = min(upto, served + max(1, (4 << 20) // row_bytes))
             raw = os.pread(fd, (upto - served) * row_bytes, offset + served * row_bytes)
@@ -302,16 +317,23 @@ class Encoder(_Worker):
         fd_out = -1
         try:
             rows = self._rows(fd_in, _data_offset(fd_in))
-            fd_out = _open_entry(self.root, self.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            fd_out = _open_entry(self.root, self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             if Path(self.target).suffix.lower() == ".png":
                 for piece in png_stream(rows, self.shape, self.dtype, level=1):
                     _write_all(fd_out, piece)
             else:
-                _jpeg_from(png_stream(rows, self.shape, self.dtype, level=0), fd_out)
+                png = png_stream(rows, self.shape, self.dtype, level=0)
+                _jpeg_from(png, fd_out, self.quit)
         finally:
             os.close(fd_in)
             if fd_out >= 0:
                 os.close(fd_out)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:  # one call writes at most about 2 GiB
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -359,18 +381,29 @@ def png_stream(
     yield from chunk(b"IEND", b"")
 
 
-def _jpeg_from(png: Iterator[bytes], fd_out: int) -> None:
+def _jpeg_from(png: Iterator[bytes], fd_out: int, quit: threading.Event) -> None:
     """Encode a streamed PNG as JPEG (quality 95, 4:2:0: OpenCV's defaults) with libvips,
-    which reads it from a pipe as it comes (a thread here writes the pipe)."""
+    which reads it from a pipe as it comes; a thread here writes the pipe.  If libvips gives
+    up, ``quit`` stops that thread (its writes do not block) and the rows it was waiting for."""
     import pyvips
 
     read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
     failure: list[BaseException] = []
 
     def feed() -> None:
         try:
             for piece in png:
-                _write_all(write_end, piece)
+                view = memoryview(piece).cast("B")
+                while view:
+                    if quit.is_set():
+                        return
+                    try:
+                        view = view[os.write(write_end, view) :]
+                    except BlockingIOError:
+                        select.select([], [write_end], [], 0.2)
+        except BrokenPipeError:  # libvips has stopped reading
+            pass
         except BaseException as exc:  # noqa: BLE001 - raised again below
             failure.append(exc)
         finally:
@@ -382,9 +415,11 @@ def _jpeg_from(png: Iterator[bytes], fd_out: int) -> None:
         source = pyvips.Source.new_from_descriptor(read_end)
         image = pyvips.Image.new_from_source(source, "", access="sequential", fail_on="truncated")
         image.jpegsave_target(pyvips.Target.new_to_descriptor(fd_out), Q=95, subsample_mode="on")
+        del image, source  # libvips' own copy of the pipe's end goes with them
     finally:
-        os.close(read_end)  # a feeder still writing gets EPIPE and ends
-        feeder.join()
+        quit.set()
+        os.close(read_end)
+        feeder.join(timeout=30)
     if failure:
         raise failure[0]
 
@@ -394,7 +429,7 @@ def remove(root: str | None, *paths: str | None) -> None:
     for path in paths:
         if not path:
             continue
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ImgprocError):  # already gone, or its folder is
             if not root:
                 os.unlink(path)
                 continue

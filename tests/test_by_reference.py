@@ -369,3 +369,23 @@ def test_a_truncated_jpeg_fails_alone_and_leaves_nothing_behind(streaming):
     assert [r["index"] for r in by_type(messages, "result")] == [1]
     assert not _leftovers(root / "out-cut") and not _leftovers(root)
     assert sorted(os.listdir(root / "out-cut")) == ["photo.png"]
+
+
+def test_a_cancelled_stream_leaves_no_scratch_file(streaming):
+    """Cancelled while rank 0 decodes and the workers compute: every scratch file goes."""
+    root, sock = streaming
+    big = random_image(np.random.default_rng(3), 1500, 1400, 3)
+    cv2.imwrite(str(root / "big.png"), big)
+    header = {"v": 2, "type": "submit", "result": "png", "paths": ["big.png"],
+              "output": "out-cancel", "pipeline": ["bilateral:d=9"] * 4}  # fmt: skip
+    sock.send_multipart([json.dumps(header).encode()])
+    assert sock.poll(20000)
+    accepted = json.loads(sock.recv_multipart()[0])
+    cancel = {"v": 2, "type": "cancel", "job": accepted["job"], "token": accepted["token"]}
+    sock.send_multipart([json.dumps(cancel).encode()])
+    messages = []
+    while not messages or messages[-1]["type"] != "done":
+        assert sock.poll(30000), "no reply"
+        messages.append(json.loads(sock.recv_multipart()[0]))
+    assert messages[-1]["state"] == "cancelled" and messages[-1]["ok"] == 0
+    assert not _leftovers(root / "out-cancel") and not _leftovers(root)

@@ -158,3 +158,20 @@ def test_a_quarter_turn_after_a_resize_starts_a_new_chain():
     assert [len(s.steps) for s in stages if isinstance(s, ChainStage)] == [1, 2]
     pixels = np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8)
     _check(pixels, specs, 5)
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [
+        ["flip:axis=both"],
+        ["gamma", "flip:axis=vertical"],
+        ["rotate:angle=90", "sharpen"],
+        ["crop:x=1,y=1", "resize:scale=0.5,interpolation=nearest"],
+        ["resize:scale=0.5,interpolation=area", "flip:axis=horizontal"],
+    ],
+)
+def test_a_unit_channel_axis_comes_out_as_the_whole_image_shapes_it(specs):
+    """(H, W, 1) arrays: views and gathers shape their result as OpenCV's kernels do."""
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 6, 1), dtype=np.uint8)
+    for tile in (1, 3, 100):
+        _check(pixels, specs, tile)

@@ -41,9 +41,6 @@ def _pil(image, fmt, **options):
 
 FILES = {
     "baseline.jpg": lambda im: cv2.imencode(".jpg", im)[1].tobytes(),
-    "progressive.jpg": lambda im: cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[
-        1
-    ].tobytes(),
     "subsampled-422.jpg": lambda im: _pil(im, "JPEG", quality=85, subsampling=1),
     "gray.jpg": lambda im: cv2.imencode(".jpg", im[..., 1])[1].tobytes(),
     "rgb.png": lambda im: cv2.imencode(".png", im)[1].tobytes(),
@@ -77,6 +74,8 @@ def test_streamed_decode_gives_opencvs_pixels(tmp_path, name):
     "name, data",
     [
         ("palette.png", None),
+        ("progressive.jpg", None),
+        ("interlaced.png", None),
         ("gray-alpha.png", None),
         ("cmyk.jpg", None),
         ("transparent.png", None),
@@ -92,6 +91,15 @@ def test_files_the_libraries_read_differently_are_not_streamed(tmp_path, name, d
         rgb.convert("LA").save(buf, "PNG")
     elif name == "cmyk.jpg":
         rgb.convert("CMYK").save(buf, "JPEG")
+    elif name == "progressive.jpg":  # libvips would hold these whole to decode them
+        buf.write(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes())
+    elif name == "interlaced.png":  # Pillow and OpenCV write no interlaced PNG; libvips does
+        import pyvips
+
+        rgb_array = np.ascontiguousarray(image[..., ::-1])
+        vips = pyvips.Image.new_from_memory(rgb_array.data, image.shape[1], image.shape[0], 3,
+                                            "uchar")  # fmt: skip
+        buf.write(vips.pngsave_buffer(interlace=True))
     else:
         rgb.save(buf, "PNG", transparency=(0, 0, 0))
     (tmp_path / name).write_bytes(buf.getvalue())
@@ -146,3 +154,40 @@ def test_a_truncated_jpeg_is_an_error_not_a_short_image(tmp_path):
 def test_scratch_space_is_checked_before_anything_is_written(tmp_path):
     with pytest.raises(ImageWriteError, match="the output needs .* GiB of free space"):
         streamio.check_scratch(str(tmp_path), 2**62)
+
+
+def test_an_encode_libvips_refuses_ends_with_its_reason_instead_of_hanging(tmp_path):
+    """A JPEG wider than libjpeg allows: the writer gives up, and the thread feeding it
+    rows stops too (streaming never sends such an output here: ``encodable`` says no)."""
+    shape = (40, 70000, 3)
+    source = str(tmp_path / "rows.npy")
+    create_output(source, shape, np.uint8)
+    assert not streamio.encodable(str(tmp_path / "out.jpg"), shape, np.dtype(np.uint8))
+    encoder = streamio.Encoder(str(tmp_path), source, str(tmp_path / "out.jpg"), shape, np.uint8)
+    encoder.start()
+    encoder.finish(0, 20)  # half the rows: the feeder would wait for the rest
+    encoder.join(30)
+    assert not encoder.is_alive() and encoder.finished
+    assert encoder.error[0] == "image_write_error" and "65500" in encoder.error[1]
+    assert [t for t in threading.enumerate() if t.name == "png-feed"] == []
+
+
+def test_scratch_files_are_created_exclusively_never_through_a_planted_symlink(tmp_path):
+    from mpi_imgproc.datapaths import create_beneath
+    from mpi_imgproc.errors import PathRefused
+
+    root = tmp_path / "root"
+    (root / "out").mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    planted = root / "out" / ".o.png.in.part.npy"
+    planted.symlink_to(victim)
+    make = lambda path: create_output(path, (4, 4), np.uint8, name=str(planted))  # noqa: E731
+    with pytest.raises(PathRefused, match="already there"):
+        create_beneath(str(root), str(planted), make)
+    assert victim.read_text() == "keep me"
+    fresh = root / "out" / ".o.png.x.in.part.npy"
+    create_beneath(
+        str(root), str(fresh), lambda p: create_output(p, (4, 4), np.uint8, name=str(fresh))
+    )
+    assert np.load(fresh).shape == (4, 4)
