@@ -152,13 +152,6 @@ class SimNodes:
 
     # -- the nodes -------------------------------------------------------------------------
 
-    def node(self, name: str) -> Node:
-        """The node called ``name`` (the head included)."""
-        for node in [self.head, *self.nodes]:
-            if node is not None and node.name == name:
-                return node
-        raise SimNodesError(f"no simulated node named {name!r}")
-
     def add_node(self, index: int, cpus: str | None) -> Node:
         """Namespace, veth pair into the bridge, address, loopback; node 0 is the head."""
         node = Node(
