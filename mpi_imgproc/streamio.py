@@ -50,9 +50,13 @@ JPEG_MAX_SIDE = 65500  # libjpeg's limit
 def available() -> bool:
     """Whether libvips can be loaded here (``pip install pyvips[binary]``)."""
     try:
-        import pyvips  # noqa: F401
+        import pyvips
     except (ImportError, OSError):
         return False
+    # Every stream is read once, in order: libvips' cache of operations (up to 100 MiB and
+    # 100 operations by default) would only hold memory on rank 0.
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max_mem(0)
     return True
 
 
