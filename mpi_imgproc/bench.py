@@ -391,6 +391,7 @@ def measure_cluster(
                         continue
                     if rnd:
                         rows.append(cluster_row(spec, shape, case, rnd, wall, stats))
+                        info["_last_job_stats"] = stats
     return rows, info
 
 
@@ -526,6 +527,7 @@ def run_bench(s: Settings) -> dict[str, Any]:
     pairs = [(c.op, c.workload) for cases in plan.values() for c in cases]
     samples = measure_references(pairs, inputs, s.repeat)
     info = None
+    job_stats, most_ranks = None, 0
     for spec, cases in plan.items():
         try:
             rows, info = measure_cluster(spec, cases, inputs, s)
@@ -533,6 +535,9 @@ def run_bench(s: Settings) -> dict[str, Any]:
             record_failure(s, spec, f"-n {spec.ranks} {spec.engine}, every case", exc)
             continue
         samples.extend(rows)
+        last = info.pop("_last_job_stats", None)
+        if last and spec.ranks >= most_ranks:  # the largest cluster's last job, for its plots
+            job_stats, most_ranks = last, spec.ranks
     machine = machine_info(info, gpu)
     machine["load_average_at_start"] = round(load_start, 2)
     machine["parallel_capacity"] = [capacity_start, parallel_capacity(default_workers())]
@@ -544,6 +549,7 @@ def run_bench(s: Settings) -> dict[str, Any]:
         "samples": samples,
         "notes": s.notes,
         "failures": s.failures,
+        "job_stats": job_stats,
     }
 
 

@@ -201,6 +201,8 @@ def write_all(result: Row, out: Path) -> list[Path]:
         write_json({**result, "summary": summary, "fits": fits}, out / "results.json"),
     ]
     plots = write_plots(summary, out)
+    if result.get("job_stats"):  # one job of the largest cluster: utilisation and timeline
+        plots += [p for p in plot_job_ranks(result["job_stats"], out) if p.suffix == ".png"]
     report = out / "report.md"
     report.write_text(markdown_report(result, summary, fits, [p.name for p in plots]))
     return written + plots + [report]
@@ -809,6 +811,12 @@ def markdown_report(result: Row, summary: list[Row], fits: list[Row], plots: lis
             shown = "\n\n".join(f"![{f}]({f})" for f in figures if f in plots)
             table = markdown_table(_with_shape(rows), CLUSTER_COLUMNS)
             parts.append(f"## {title}\n\n{table}\n\n{shown}")
+    job_plots = [f for f in ("job_utilisation.png", "job_timeline.png") if f in plots]
+    if job_plots:
+        parts.append(
+            "## One job of the largest cluster\n\nBusy share per rank, and when each task ran "
+            "(from the job's `done` stats).\n\n" + "\n\n".join(f"![{f}]({f})" for f in job_plots)
+        )
     if fits:
         parts.append("## Serial fractions\n\n" + markdown_table(fits, FIT_COLUMNS))
     refs = [r for r in summary if r["kind"] == "reference"]
@@ -1028,8 +1036,9 @@ def rank_utilisation(stats: Row) -> list[Row]:
 def plot_job_ranks(stats: Row, out: Path, stem: str = "job") -> list[Path]:
     """``{stem}_utilisation`` (busy share per rank) and ``{stem}_timeline`` (a Gantt of the
     job: its queue, then per rank a bar over the job's run with the busy share filled), each
-    as PNG and SVG.  The ``done`` stats give busy seconds per rank, not when each tile ran,
-    so the timeline shows how much of the run each rank was busy, not where in it."""
+    as PNG and SVG.  With the ``tasks`` the ``done`` stats list (rank, start, end of each),
+    the timeline has one bar per task; without them (older stats), each rank's busy share of
+    the run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1054,15 +1063,22 @@ def plot_job_ranks(stats: Row, out: Path, stem: str = "job") -> list[Path]:
     queue, total = float(stats.get("queue", 0.0)), float(stats.get("total", 0.0))
     fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.6))
     ax.broken_barh([(0, queue)], (len(rows) - 0.4, 0.8), color="#d97706", label="queued")
+    tasks = [t for t in stats.get("tasks") or [] if isinstance(t, list) and len(t) == 3]
     for i, r in enumerate(rows):
         y = len(rows) - 1 - i
         ax.broken_barh([(queue, total - queue)], (y - 0.4, 0.8), color="#c7d2fe")
-        busy = min(total - queue, r["busy_s"])
-        ax.broken_barh([(queue, busy)], (y - 0.4, 0.8), color="#2563eb")
+        mine = [(start, end - start) for rank, start, end in tasks if str(rank) == str(r["rank"])]
+        if mine:  # the stats say when each task ran: one bar per task
+            ax.broken_barh(mine, (y - 0.4, 0.8), color="#2563eb", edgecolor="white",
+                           linewidth=0.3)  # fmt: skip
+        else:
+            busy = min(total - queue, r["busy_s"])
+            ax.broken_barh([(queue, busy)], (y - 0.4, 0.8), color="#2563eb")
     ax.set_yticks(range(len(rows) + 1))
     ax.set_yticklabels([*[f"rank {r['rank']}" for r in reversed(rows)], "job"])
     ax.set_xlim(0, max(total, 1e-6))
-    ax.set_xlabel("seconds since the job was accepted (dark: busy share of the run)")
+    how = "one bar per task" if tasks else "dark: busy share of the run"
+    ax.set_xlabel(f"seconds since the job was accepted ({how})")
     ax.set_title("task timeline, one job", fontsize=10)
     written += _save_both(fig, out / f"{stem}_timeline")
     return written

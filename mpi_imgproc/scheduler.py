@@ -163,6 +163,8 @@ class Job:
     ended: float | None = None
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIMED_STAGES, 0.0))
     ranks: dict[int, dict[str, float]] = field(default_factory=dict)
+    # (rank, start, end) of the first MAX_TASK_TIMES tasks, seconds since the submit
+    task_times: list[tuple[int, float, float]] = field(default_factory=list)
     next_image: int = 0  # images before this one have been started
     paths: dict[str, int] = field(default_factory=dict)  # images done, by path taken
 
@@ -193,6 +195,7 @@ class Job:
             "ranks": {
                 str(r): {k: round(v, 6) for k, v in s.items()} for r, s in self.ranks.items()
             },
+            "tasks": [list(t) for t in self.task_times],
         }
 
 
@@ -695,6 +698,9 @@ class Scheduler:
         rank["bytes"] += moved
         rank["cpu_s"] = rank.get("cpu_s", 0.0) + done.cpu
         rank["maxrss_mb"] = max(rank.get("maxrss_mb", 0.0), done.maxrss_kb / 1024)
+        if len(job.task_times) < MAX_TASK_TIMES:  # for task timelines: when it ran, roughly
+            now = time.perf_counter() - job.submitted
+            job.task_times.append((done.rank, round(max(0.0, now - done.busy), 4), round(now, 4)))
         job.times["compute"] += done.busy
         job.times["receive"] += done.received_s
         job.times["decode"] += done.fields.pop("decode_s", 0.0)
@@ -792,6 +798,9 @@ class Scheduler:
 
 
 MAX_STREAMS_PER_JOB = 2  # images of one job decoded or encoded by rank 0 at the same time
+# Tasks whose times a job's ``done`` stats list: a timeline needs no more, and the message
+# stays small (a 4096-tile image sends that many).
+MAX_TASK_TIMES = 2000
 
 
 def _io_kind(path: str) -> str | None:

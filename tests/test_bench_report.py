@@ -206,6 +206,11 @@ def test_a_tiny_real_run_measures_clusters_and_writes_a_report(tmp_path):
     assert all(r["exact"] for r in result["samples"])
     written = report.write_all(result, tmp_path)
     assert (tmp_path / "report.md") in written and (tmp_path / "speedup.png") in written
+    # one job of the largest cluster: per-rank utilisation and a timeline with every task
+    assert result["job_stats"]["tasks"] and {t[0] for t in result["job_stats"]["tasks"]} == {1}
+    for plot in ("job_utilisation.png", "job_timeline.png"):
+        assert (tmp_path / plot) in written and (tmp_path / plot).stat().st_size > 1000
+        assert plot in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.timeout(90)

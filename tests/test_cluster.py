@@ -71,6 +71,9 @@ def test_progress_streams_as_tiles_finish(cluster3):
     progress = [e.header for e in events if e.type == "progress"]
     assert progress and progress[-1]["tiles_done"] == progress[-1]["tiles_total"] == 100
     assert events[-1].header["ok"] == 1
+    stats = events[-1].header["stats"]  # when each task ran, for timelines
+    assert len(stats["tasks"]) == 100 and {t[0] for t in stats["tasks"]} <= {1, 2}
+    assert all(0 <= start <= end <= stats["total"] for _, start, end in stats["tasks"])
 
 
 def test_cli_submit_writes_results_and_reports_bad_files(cluster3, tmp_path):

@@ -211,6 +211,9 @@ def test_ops_cluster_and_openapi_describe_what_is_there(web):
     cluster = json.loads(get(f"{web}/api/cluster"))
     assert cluster["info"]["ranks"] == 3 and [r["rank"] for r in cluster["rank_rows"]] == [1, 2]
     assert all(0.0 <= r["busy_share"] <= 1.0 for r in cluster["rank_rows"])
+    for job in cluster["stream"]:  # the jobs of the tests before: one bar per task
+        assert job["tasks"] and all(t["rank"] in (1, 2) for t in job["tasks"])
+        assert all(job["end"] - job["total"] <= t["start"] <= t["end"] for t in job["tasks"])
     limits = json.loads(get(f"{web}/api/limits"))
     assert limits["max_files"] == 4 and limits["max_pixels"] == 4_000_000  # the flags given
     assert limits["max_request_bytes"] == 4 << 20

@@ -342,8 +342,9 @@ def cluster_view(info: dict[str, Any], finished: list[dict[str, Any]], now: floa
 
     The figures come from each job's ``done`` stats (busy seconds and tiles per rank): a
     rank's busy share is its busy seconds in jobs that ended within ``LOAD_WINDOW_S``, over
-    that window and its engine workers; the task stream has one bar per job and rank, from
-    the job's start to its end, with the rank's tiles and its busy share inside the job.
+    that window and its engine workers; the task stream has one bar per task (from the
+    ``tasks`` the stats list), or, for a job without them, one per job and rank from the job's
+    start to its end with the rank's busy share inside it.
     """
     ranks, per_rank = int(info.get("ranks", 1)), max(1, int(info.get("workers_per_rank", 1)))
     hosts = info.get("hosts", {})
@@ -382,6 +383,7 @@ def cluster_view(info: dict[str, Any], finished: list[dict[str, Any]], now: floa
             "end": job["end"],
             "ranks": job.get("ranks", {}),
             "total": job.get("total"),
+            "tasks": _task_bars(job),
         }
         for job in finished
         if now - job["end"] <= TIMELINE_S
@@ -394,6 +396,18 @@ def cluster_view(info: dict[str, Any], finished: list[dict[str, Any]], now: floa
         "now": now,
         "stream": stream,
     }
+
+
+def _task_bars(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's tasks (``done`` stats ``tasks``: rank, start and end since the submit) on this
+    page's clock: the submit was ``total`` seconds before the job ended."""
+    submitted = job["end"] - float(job.get("total") or 0.0)
+    bars = []
+    for task in job.get("tasks") or []:
+        if isinstance(task, list) and len(task) == 3:
+            rank, start, end = task
+            bars.append({"rank": rank, "start": submitted + start, "end": submitted + end})
+    return bars
 
 
 def _upload_schema() -> dict[str, Any]:

@@ -343,6 +343,14 @@ async function refreshCluster() {
   const lanes = view.rank_rows.map((r) => ({ label: `rank ${r.rank}`, bars: [] }));
   const byRank = Object.fromEntries(lanes.map((l, i) => [String(view.rank_rows[i].rank), l]));
   for (const job of view.stream) {
+    if (job.tasks && job.tasks.length) {  // one bar per task, coloured by job
+      for (const t of job.tasks) {
+        const lane = byRank[String(t.rank)];
+        if (lane) lane.bars.push({ start: t.start, end: t.end, key: job.job, busy: 1,
+          text: `job ${job.job}: a task on rank ${t.rank}, ${fmt(t.end - t.start)} s` });
+      }
+      continue;
+    }
     const span = Math.max(job.end - job.start, 1e-6);
     for (const [rank, f] of Object.entries(job.ranks)) {
       if (!byRank[rank]) continue;
