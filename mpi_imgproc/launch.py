@@ -47,11 +47,12 @@ def mpi_command(ranks: int, module: str, *args: str, survive: bool = False) -> l
     ``survive``: launch so that the job outlives a dead worker rank (docs/fault-tolerance.md).
     """
     launcher = [mpiexec(), "-disable-auto-cleanup"] if survive else [mpiexec()]
-    # The processes engine sets MPI4PY_RC_INITIALIZE=0 in its own process for its children;
-    # a cluster started from such a process must still initialise MPI on every rank.
-    launcher += ["-genv", "MPI4PY_RC_INITIALIZE", "1"]
     rank = [*RANK_SHELL, sys.executable] if survive else [sys.executable]
-    return [*launcher, "-n", str(ranks), *rank, "-m", module, *args]
+    # The processes engine sets MPI4PY_RC_INITIALIZE=0 in its own process for its children;
+    # a cluster started from such a process must still initialise MPI on every rank.  `env -u`
+    # works in front of any launcher (Open MPI's mpiexec has no -genv).
+    unset = ["env", "-u", "MPI4PY_RC_INITIALIZE"]
+    return [*unset, *launcher, "-n", str(ranks), *rank, "-m", module, *args]
 
 
 class Cluster:
