@@ -128,7 +128,7 @@ im.conv(mask, precision="integer").write_to_file(sys.argv[2], Q=95)
 # rounds its own way, so this compares throughput, not pixels.
 PYVIPS_MEMORY_TASK = """
 import pyvips, sys
-im = pyvips.Image.new_from_file(sys.argv[1], access="sequential")
+im = pyvips.Image.new_from_file(sys.argv[1], access="sequential", unlimited=True)
 im = im.gaussblur(1.7, precision="integer").sobel()
 im.tiffsave(sys.argv[2], bigtiff=True, tile=True)
 """
