@@ -138,24 +138,41 @@ def replace_beneath(root: str, source: str, target: str) -> None:
         os.close(dfd)
 
 
-def create_beneath(root: str | None, path: str, make: Any) -> Any:
-    """``make(new)`` for a file created at ``path`` by this call: exclusively (an existing
-    file or a symlink planted at the name is refused, never followed), in a folder checked to
-    be under ``root`` when given; ``new`` is the created file's ``/proc/self/fd`` path, so a
-    writer that takes only paths writes that file and no other."""
+def _in_folder(root: str | None, path: str, use: Any) -> Any:
+    """``use(folder_fd, name)`` for the entry ``path``: its folder opened (and, under
+    ``root``, checked to be inside it), so that ``name`` is resolved in that very folder."""
     folder, name = os.path.split(path)
     dfd = open_beneath(root, folder, directory=True) if root else os.open(
         folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     )  # fmt: skip
     try:
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(name, flags, 0o666, dir_fd=dfd)
-        except FileExistsError:
-            raise PathRefused(f"{path}: something is already there") from None
-        try:
-            return make(fd_path(fd))
-        finally:
-            os.close(fd)
+        return use(dfd, name)
     finally:
         os.close(dfd)
+
+
+def open_entry(root: str | None, path: str, flags: int) -> int:
+    """A file descriptor for the entry ``path`` of a checked folder, opened with ``flags``
+    (``O_CREAT`` and the like included) and never through a symlink at the name."""
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+    return _in_folder(root, path, lambda dfd, name: os.open(name, flags, 0o666, dir_fd=dfd))
+
+
+def unlink_beneath(root: str | None, path: str) -> None:
+    """Remove the entry ``path`` of a checked folder (a symlink there, not what it names)."""
+    _in_folder(root, path, lambda dfd, name: os.unlink(name, dir_fd=dfd))
+
+
+def create_beneath(root: str | None, path: str, make: Any) -> Any:
+    """``make(new)`` for a file created at ``path`` by this call: exclusively (an existing
+    file or a symlink planted at the name is refused, never followed), in a folder checked to
+    be under ``root`` when given; ``new`` is the created file's ``/proc/self/fd`` path, so a
+    writer that takes only paths writes that file and no other."""
+    try:
+        fd = open_entry(root, path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        raise PathRefused(f"{path}: something is already there") from None
+    try:
+        return make(fd_path(fd))
+    finally:
+        os.close(fd)

@@ -267,6 +267,15 @@ class Pipeline:
         return tuple(stages)
 
 
+def crop_halo(result: np.ndarray, margins: Sequence[int]) -> np.ndarray:
+    """Cut the halo off a region's result (a view)."""
+    top, bottom, left, right = margins
+    if not any(margins):
+        return result
+    h, w = result.shape[:2]
+    return result[top : h - bottom, left : w - right]
+
+
 class Stage:
     """A unit of tiled work: ``process`` maps one tile's pixels to its result."""
 
@@ -276,6 +285,12 @@ class Stage:
 
     def process(self, pixels: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def run_tile(self, pixels: np.ndarray, margins: Sequence[int]) -> np.ndarray:
+        """One tile: its region's result with the halo (``margins``) cut off.  A chain
+        (:mod:`mpi_imgproc.chain`) maps its region to an output box of another size, and its
+        ``margins`` are that placement."""
+        return crop_halo(self.process(pixels), margins)
 
     def to_json(self) -> dict[str, Any]:
         raise NotImplementedError

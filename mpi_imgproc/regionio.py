@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -159,16 +160,22 @@ def write_region(path: str, y0: int, x0: int, block: np.ndarray) -> None:
         del rows, out
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            data = memoryview(block).cast("B")
-            while data:  # a regular file takes it all at once; a short write is continued
-                written = os.pwrite(fd, data, offset)
-                data, offset = data[written:], offset + written
+            pwrite_all(fd, block, offset)
         finally:
             os.close(fd)
         return
     rows[...] = block
     out.flush()
     del rows, out
+
+
+def pwrite_all(fd: int, data: Any, offset: int) -> None:
+    """Write all of ``data`` (any buffer) at ``offset``: one call writes at most about 2 GiB,
+    and a short write is continued."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def partial_name(target: str, tag: str = "") -> str:

@@ -237,7 +237,7 @@ class SimNodes:
             "-genv",
             "MPI4PY_RC_INITIALIZE",
             "1",
-        ]  # as launch.mpi_command, for the same reason
+        ]  # ranks initialise MPI even if this process's processes engine set it to 0
         rank = [*RANK_SHELL, sys.executable] if survive else [sys.executable]
         env = [f"{k}={v}" for k, v in MPI_ENV.items()]
         return self.head.command("env", *env, *launch, *rank, "-m", module, *args)

@@ -27,14 +27,16 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterable, Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .datapaths import fd_path, open_beneath, use_beneath
+from .datapaths import fd_path, open_beneath, open_entry, unlink_beneath, use_beneath
 from .errors import ImageReadError, ImageWriteError, ImgprocError, describe, error_code
 from .imageio import probe
+from .regionio import pwrite_all
 
 STREAM_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 STRIP_ROWS = 128  # rows decoded (and made available to workers) at a time
@@ -47,6 +49,7 @@ STRIP_BYTES = 16 << 20  # at most this much of the image is decoded at a time
 JPEG_MAX_SIDE = 65500  # libjpeg's limit
 
 
+@cache
 def available() -> bool:
     """Whether libvips can be loaded here (``pip install pyvips[binary]``)."""
     try:
@@ -162,27 +165,13 @@ def encodable(target: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
     return suffix == ".png" and channels in (1, 3) and dtype in (np.uint8, np.uint16)
 
 
-def _open_entry(root: str | None, path: str, flags: int) -> int:
-    """A file descriptor for ``path`` (a new or existing entry of a checked folder under
-    ``root``), opened with ``flags`` without following a final symlink."""
-    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
-    if not root:
-        return os.open(path, flags, 0o666)
-    folder, name = os.path.split(path)
-    dfd = open_beneath(root, folder, directory=True)
-    try:
-        return os.open(name, flags, 0o666, dir_fd=dfd)
-    finally:
-        os.close(dfd)
-
-
-def _data_offset(fd: int) -> int:
-    """Where the pixels of an ``.npy`` file start."""
+def _npy_header(fd: int) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and where the pixels start, of the ``.npy`` file open as ``fd``."""
     with os.fdopen(os.dup(fd), "rb") as fp:
         fp.seek(0)
         np.lib.format.read_magic(fp)
-        np.lib.format.read_array_header_1_0(fp)
-        return fp.tell()
+        shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        return shape, dtype, fp.tell()
 
 
 def _as_project_order(strip: np.ndarray) -> np.ndarray:
@@ -247,17 +236,13 @@ class Decoder(_Worker):
                 self.source, os.O_RDONLY | os.O_CLOEXEC
             )  # fmt: skip
             stack.callback(os.close, fd_in)
-            fd_out = _open_entry(self.root, self.target, os.O_RDWR)
+            fd_out = open_entry(self.root, self.target, os.O_RDWR)
             stack.callback(os.close, fd_out)
-            offset = _data_offset(fd_out)
+            shape, declared, offset = _npy_header(fd_out)
             image = pyvips.Image.new_from_file(
                 fd_path(fd_in), access="sequential", fail_on="truncated"
             )
             dtype = np.uint16 if image.format == "ushort" else np.uint8
-            with os.fdopen(os.dup(fd_out), "rb") as fp:
-                fp.seek(0)
-                np.lib.format.read_magic(fp)
-                shape, _, declared = np.lib.format.read_array_header_1_0(fp)
             got = (image.height, image.width) + ((image.bands,) if image.bands > 1 else ())
             if got != tuple(shape) or np.dtype(dtype) != declared:
                 raise OSError(f"decoded as {got} {np.dtype(dtype)}, the header said {shape}")
@@ -270,7 +255,7 @@ class Decoder(_Worker):
                 data = image.crop(0, y, image.width, rows).write_to_memory()
                 strip = np.frombuffer(data, dtype).reshape(rows, image.width, image.bands)
                 block = np.ascontiguousarray(_as_project_order(strip))
-                _pwrite_all(fd_out, memoryview(block).cast("B"), offset + y * row_bytes)
+                pwrite_all(fd_out, block, offset + y * row_bytes)
                 self.rows = y + rows
 
 
@@ -317,11 +302,11 @@ class Encoder(_Worker):
             served = upto
 
     def work(self) -> None:
-        fd_in = _open_entry(self.root, self.source, os.O_RDONLY)
+        fd_in = open_entry(self.root, self.source, os.O_RDONLY)
         fd_out = -1
         try:
-            rows = self._rows(fd_in, _data_offset(fd_in))
-            fd_out = _open_entry(self.root, self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            rows = self._rows(fd_in, _npy_header(fd_in)[2])
+            fd_out = open_entry(self.root, self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             if Path(self.target).suffix.lower() == ".png":
                 for piece in png_stream(rows, self.shape, self.dtype, level=1):
                     _write_all(fd_out, piece)
@@ -332,12 +317,6 @@ class Encoder(_Worker):
             os.close(fd_in)
             if fd_out >= 0:
                 os.close(fd_out)
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:  # one call writes at most about 2 GiB
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -434,12 +413,4 @@ def remove(root: str | None, *paths: str | None) -> None:
         if not path:
             continue
         with contextlib.suppress(OSError, ImgprocError):  # already gone, or its folder is
-            if not root:
-                os.unlink(path)
-                continue
-            folder, name = os.path.split(path)
-            dfd = open_beneath(root, folder, directory=True)
-            try:
-                os.unlink(name, dir_fd=dfd)
-            finally:
-                os.close(dfd)
+            unlink_beneath(root, path)

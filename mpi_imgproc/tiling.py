@@ -16,7 +16,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .pipeline import Pipeline, ReduceStage, Stage, ViewStage
+from .pipeline import Pipeline, ReduceStage, Stage, ViewStage, crop_halo
+
+__all__ = [
+    "Box",
+    "Merger",
+    "Tile",
+    "crop_halo",
+    "output_like",
+    "run_pipeline",
+    "run_stage",
+    "split_with_halo",
+    "tile_grid",
+]
 
 if TYPE_CHECKING:
     from .chain import ChainStage
@@ -78,15 +90,6 @@ def split_with_halo(
     return tiles
 
 
-def crop_halo(result: np.ndarray, margins: Sequence[int]) -> np.ndarray:
-    """Cut the halo off a region's result (a view)."""
-    top, bottom, left, right = margins
-    if not any(margins):
-        return result
-    h, w = result.shape[:2]
-    return result[top : h - bottom, left : w - right]
-
-
 class Merger:
     """Assembles tile results, in any arrival order, into one output image.
 
@@ -142,7 +145,9 @@ def run_stage(stage: Stage, image: np.ndarray, engine: Engine, tile_size: int) -
     height, width = image.shape[:2]
     if isinstance(stage, ViewStage):
         return stage.process(image)
-    if type(stage).__name__ == "ChainStage":  # chain.py builds on this module
+    from .chain import ChainStage  # here: chain.py builds on this module
+
+    if isinstance(stage, ChainStage):
         return _run_chain(stage, image, engine, tile_size)
     if isinstance(stage, ReduceStage):
         parts = split_with_halo(height, width, tile_size, 0)

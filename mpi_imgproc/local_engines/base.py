@@ -9,23 +9,17 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
-from ..chain import ChainStage
 from ..pipeline import Stage
-from ..tiling import Box, crop_halo
+from ..tiling import Box
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def process_tile(stage: Stage, pixels: np.ndarray, margins: Box) -> np.ndarray:
-    """Run ``stage`` on one tile region and crop its halo off: the unit of work of every engine.
-
-    A chain's tile (:mod:`mpi_imgproc.chain`) maps its region to an output box of another
-    size; its ``margins`` are that placement.
-    """
-    if isinstance(stage, ChainStage):
-        return stage.run_tile(pixels, margins)
-    return crop_halo(stage.process(pixels), margins)
+    """Run ``stage`` on one tile region and crop its halo off: the unit of work of every engine
+    (``Stage.run_tile``)."""
+    return stage.run_tile(pixels, margins)
 
 
 def default_workers() -> int:
