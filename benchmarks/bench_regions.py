@@ -1,4 +1,4 @@
-"""Large images by reference: regions read and written by the workers, against one process.
+"""Large images by reference, and raw pixels from a same-host client, against one process.
 
 One 8000×8000 BGR ``gaussian_blur:ksize=9`` (``--size`` to change), in one run:
 
@@ -8,7 +8,13 @@ One 8000×8000 BGR ``gaussian_blur:ksize=9`` (``--size`` to change), in one run:
   ``regions-tiff``;
 * ``regions-npy`` / ``regions-tiff``: ``mpiexec -n RANKS`` with ``--data-root``, the job names
   the file; workers read their strips (a tiled, zlib-compressed BigTIFF for ``tiff``) and write
-  their rows of the output; rank 0 moves only task descriptions.
+  their rows of the output; rank 0 moves only task descriptions;
+* ``opencv-memory``: ``cv2.GaussianBlur`` of the image already in memory (OpenCV's threads),
+  the baseline of the raw-pixel rows;
+* ``client-shm`` / ``client-shared-array`` / ``client-tcp``: ``Client.submit`` of the array
+  to the same cluster, from the submit to the result in hand: through shared memory (the
+  array copied into a segment; or made with ``shm.shared_array``, so not copied), or through
+  the socket (``shared_memory=False``).
 
 Every output is checked equal to the one-process result.  Ratios are against the one-process
 run of the same formats.
@@ -27,6 +33,7 @@ import cv2
 import numpy as np
 import tifffile
 
+from mpi_imgproc import shm
 from mpi_imgproc.client import Client
 from mpi_imgproc.launch import running_cluster
 
@@ -40,6 +47,24 @@ def by_reference(address: str, path: str, output: str) -> float:
         result = client.submit_paths([path], OPS, output, overwrite=True).result(timeout=600)
     if result.state != "done" or result.errors:
         raise RuntimeError(f"job {result.state}: {result.message or result.errors}")
+    return time.perf_counter() - started
+
+
+def raw_client(address: str, image: np.ndarray, shared: bool, expected: np.ndarray) -> float:
+    """Seconds from the submit of raw pixels to the result in hand (checked afterwards)."""
+    with Client(address, timeout=60, shared_memory=shared) as client:
+        client.info()  # connected before the clock starts
+        started = time.perf_counter()
+        result = client.submit([image], OPS).result(timeout=600)
+        took = time.perf_counter() - started
+    if not result.ok or not np.array_equal(result.images[0], expected):
+        raise RuntimeError(f"job {result.state}: {result.message or result.errors or 'differs'}")
+    return took
+
+
+def in_memory(image: np.ndarray) -> float:
+    started = time.perf_counter()
+    cv2.GaussianBlur(image, (9, 9), 0)
     return time.perf_counter() - started
 
 
@@ -85,6 +110,18 @@ def main() -> None:
                 times[name] = [
                     by_reference(cluster.address, path, "out") for _ in range(args.repeat)
                 ]
+            times["opencv-memory"] = [in_memory(image) for _ in range(args.repeat)]
+            shared = shm.shared_array(image.shape, image.dtype)
+            shared[...] = image
+            for name, pixels, through_shm in (
+                ("client-shm", image, True),
+                ("client-shared-array", shared, True),
+                ("client-tcp", image, False),
+            ):
+                times[name] = [
+                    raw_client(cluster.address, pixels, through_shm, expected)
+                    for _ in range(args.repeat)
+                ]
         assert np.array_equal(np.load(root / "out" / "in.npy"), expected)
         assert np.array_equal(
             cv2.imread(str(root / "out" / "in.tif"), cv2.IMREAD_UNCHANGED), expected
@@ -92,7 +129,9 @@ def main() -> None:
     print(f"{args.size}x{args.size} BGR {OPS[0]}, -n {args.ranks}, median of {args.repeat}")
     for name, samples in times.items():
         median = statistics.median(samples)
-        against = "opencv-tiff" if "tiff" in name else "opencv"
+        against = (
+            "opencv-tiff" if "tiff" in name else "opencv-memory" if "client" in name else "opencv"
+        )
         base = statistics.median(times[against])
         print(
             f"  {name:13s} {median:7.3f} s  ({min(samples):.3f}-{max(samples):.3f})"

@@ -48,6 +48,7 @@ from .connection import (
     default_name,
     load_image,
     prepare_submit,
+    shares_memory,
 )
 from .errors import ImageReadError, ImgprocError, InvalidParameter
 from .pipeline import Pipeline
@@ -146,6 +147,9 @@ class Client:
     ``curve_keys``: a folder from ``mpi-imgproc keys``.  ``timeout``: how long to wait for a
     direct reply.  ``heartbeat``: at most this many seconds between messages while jobs are
     unfinished; by default (and whenever it is shorter) the server's own ``heartbeat_s``.
+    ``shared_memory``: send arrays to a server on this host (same machine, PID namespace and
+    user, as its ``info`` says) through shared memory, and take raw results back the same
+    way, instead of through the socket (:mod:`mpi_imgproc.shm`); False: always the socket.
 
     Every wait is bounded and every failure says which case it is: :class:`NothingListening`,
     :class:`CurveRefused`, :class:`ServerGone` (the connection dropped and did not come back,
@@ -160,8 +164,10 @@ class Client:
         curve_keys: str | Path | None = None,
         timeout: float = 30.0,
         heartbeat: float | None = None,
+        shared_memory: bool = True,
     ):
         self.address, self.timeout = address, timeout
+        self.shared_memory = shared_memory
         self._core = Connection(address, curve_keys, heartbeat)
         self._handles: dict[str, Job] = {}
         # A client dropped without close() still stops its thread (and its heartbeats).
@@ -200,9 +206,17 @@ class Client:
 
         The pipeline is validated here first, and the request is checked against the server's
         limits, so a bad op or an oversized request fails before any image data is sent.
-        The images are uploaded as soon as the server accepts (in the background).
+        The images are uploaded as soon as the server accepts (in the background).  To a
+        server on this host, arrays (and raw results) go through shared memory instead: an
+        array from :func:`mpi_imgproc.shm.shared_array` is not even copied.
         """
-        return self._submit(prepare_submit(images, pipeline, names), tile, result, progress)
+        shared = result == "raw" and self.shared_memory and self._shares_memory()
+        sub = prepare_submit(images, pipeline, names, shared)
+        return self._submit(sub, tile, result, progress)
+
+    def _shares_memory(self) -> bool:
+        self._limits()  # the server's info has come
+        return shares_memory(self._core.server_info())
 
     def _submit(self, sub: Submission, tile: int | str, result: str, progress: bool) -> Job:
         check_limits(self._limits(), sub.descs)

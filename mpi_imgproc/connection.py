@@ -11,6 +11,7 @@ sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import queue
@@ -30,6 +31,7 @@ from .errors import ImgprocError, LimitExceeded, describe
 from .imageio import decode, read_bytes
 from .pipeline import Pipeline
 from .protocol import ProtocolError, pack, raw_fields, unpack
+from .shm import Segment, host_identity, owner_of
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 # Until the server's ``info`` says its ``heartbeat_s`` (it is asked on every connect), beat
@@ -115,7 +117,7 @@ class Event:
     def image(self) -> np.ndarray:
         """The pixels of a ``result`` event (raw or encoded on the wire)."""
         data = self.frames[0]
-        if self.header.get("encoding") == "raw":
+        if self.header.get("encoding") in ("raw", "shm"):  # shm: the mapped result segment
             array = np.frombuffer(data, dtype=self.header["dtype"])
             return array.reshape(self.header["shape"])
         return decode(bytes(data))
@@ -148,12 +150,14 @@ class Submission:
 
     pipeline: list[dict[str, Any]]
     descs: list[dict[str, Any]]
-    frames: list[Any]
+    frames: list[Any]  # None for an image in shared memory: nothing to upload
+    # index -> (input, result) segments of images sent through shared memory (:mod:`shm`)
+    segments: dict[int, tuple[Segment, Segment]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
-        """Bytes of image data the submit declares."""
-        return sum(d["size"] for d in self.descs)
+        """Bytes of image data the submit uploads."""
+        return sum(d["size"] for d in self.descs if d.get("encoding") != "shm")
 
     def names(self) -> list[str]:
         """The images' names, in submit order."""
@@ -169,11 +173,25 @@ def as_pipeline(pipeline: Pipeline | Sequence[str] | list[dict]) -> Pipeline:
     return Pipeline.from_json(list(pipeline))
 
 
-def load_image(image: str | Path | np.ndarray, name: str) -> tuple[dict[str, Any], Any]:
+def load_image(
+    image: str | Path | np.ndarray, name: str, pipeline: Pipeline | None = None
+) -> tuple[dict[str, Any], Any]:
     """The descriptor and upload frame of one image: a path's file bytes, an array's pixels.
+    With ``pipeline`` (the server shares this host), an array goes in a shared-memory segment
+    instead, with a second one for its result: the frame is then the pair of segments.
 
     Raises ImageReadError for a path that is not a readable regular file (a FIFO, a folder).
     """
+    out_shape = None
+    if isinstance(image, np.ndarray) and pipeline is not None:
+        with contextlib.suppress(ImgprocError):  # sent as pixels: the server says why it fails
+            out_shape = pipeline.output_shape(image.shape)
+    if isinstance(image, np.ndarray) and out_shape is not None:
+        source = owner_of(image) or Segment.holding(image, name)
+        result = Segment(out_shape, image.dtype, f"{name}.result")
+        desc = {"name": name, "size": image.nbytes, **raw_fields(image), "encoding": "shm"}
+        desc.update(segment=source.ref(), result_segment=result.ref())
+        return desc, (source, result)
     if isinstance(image, np.ndarray):
         image = np.ascontiguousarray(image)
         return {"name": name, "size": image.nbytes, **raw_fields(image)}, image
@@ -190,19 +208,35 @@ def prepare_submit(
     images: Sequence[str | Path | np.ndarray],
     pipeline: Pipeline | Sequence[str] | list[dict],
     names: Sequence[str] | None = None,
+    shared: bool = False,
 ) -> Submission:
-    """Validate the pipeline and read every image, before anything is sent."""
-    steps = as_pipeline(pipeline).to_json()
+    """Validate the pipeline and read every image, before anything is sent; with ``shared``
+    (a server on this host that takes them), arrays go through shared memory."""
+    steps = as_pipeline(pipeline)
     loaded = [
-        load_image(image, names[i] if names else default_name(image, i))
+        load_image(image, names[i] if names else default_name(image, i), steps if shared else None)
         for i, image in enumerate(images)
     ]
-    return Submission(steps, [d for d, _ in loaded], [f for _, f in loaded])
+    sub = Submission(steps.to_json(), [d for d, _ in loaded], [f for _, f in loaded])
+    for index, (desc, frame) in enumerate(loaded):
+        if desc.get("encoding") == "shm":
+            sub.segments[index], sub.frames[index] = frame, None
+    return sub
+
+
+def shares_memory(info: dict[str, Any]) -> bool:
+    """Whether a server that sent this ``info`` can open this process's segments: it says
+    it takes them, runs on this host and PID namespace, as this user or as root."""
+    offer = info.get("shm")
+    if not isinstance(offer, dict) or host_identity() is None:
+        return False
+    return offer.get("host") == host_identity() and offer.get("uid") in (0, os.geteuid())
 
 
 def check_limits(limits: dict[str, Any], descs: list[dict[str, Any]]) -> None:
     """Refuse here what the server would refuse, before sending a byte of image data."""
-    size, most = sum(d["size"] for d in descs), limits.get("max_request_bytes")
+    size = sum(d["size"] for d in descs if d.get("encoding") != "shm")  # shm: never sent
+    most = limits.get("max_request_bytes")
     if most is not None and size > most:
         raise RequestTooLarge(
             f"{len(descs)} images of {size} bytes are over the server's limit of "
@@ -211,6 +245,12 @@ def check_limits(limits: dict[str, Any], descs: list[dict[str, Any]]) -> None:
     count = limits.get("max_images")
     if count is not None and len(descs) > count:
         raise RequestTooLarge(f"{len(descs)} images in one request; the server takes {count}")
+
+
+SEGMENT_ELSEWHERE = (
+    "the result was written into the shared memory of the client that submitted the job "
+    "(sent before this client attached)"
+)
 
 
 def _within(timeout: float | None) -> str:
@@ -230,6 +270,7 @@ class JobRecord:
     def __init__(self, job_id: str, token: str, names: list[str], uploads: Sequence[Any] = ()):
         self.id, self.token, self.names = job_id, token, names
         self.uploads = list(uploads)
+        self.segments: dict[int, tuple[Segment, Segment]] = {}  # shm images: (input, result)
         self.queue: deque[Event] = deque()
         self.results: dict[int, Event] = {}  # decoded only when asked
         self.errors: dict[int, tuple[str, str]] = {}
@@ -253,11 +294,32 @@ class JobRecord:
         index = event.header.get("index")
         if event.type == "result" and isinstance(index, int) and index >= 0:
             self.results[index] = event
+            pair = self.segments.pop(index, None)
+            if event.header.get("encoding") == "shm" and pair is None:
+                del self.results[index]  # not this process's segment: the pixels are not here
+                self.errors[index] = ("lost", SEGMENT_ELSEWHERE)
+            elif pair is not None and event.header.get("encoding") == "shm":
+                event.frames = [pair[1].array]  # the result is in its segment, mapped
+            self._release(pair)
         elif event.type == "image_error" and isinstance(index, int) and index >= 0:
             self.errors[index] = (event.header.get("code", ""), event.header.get("message", ""))
+            self._release(self.segments.pop(index, None))
         elif event.type == "done":
             self.final, self.uploads = event, []
+            self.release_segments()
         self.queue.append(event)
+
+    @staticmethod
+    def _release(pair: tuple[Segment, Segment] | None) -> None:
+        for segment in pair or ():
+            if not segment.kept:  # a shared_array's stays open while the array lives
+                segment.close()  # the server holds its own descriptors; the mappings live on
+
+    def release_segments(self) -> None:
+        """Close every segment's descriptor (the job is over, or lost)."""
+        for pair in self.segments.values():
+            self._release(pair)
+        self.segments.clear()
 
     def unfinished(self) -> list[int]:
         """Indices of images with neither a result nor an error."""
@@ -438,6 +500,11 @@ class Connection:
         """Stop routing (and heartbeating for) a job nobody will read any more."""
         with self.lock:
             self.jobs.pop(job_id, None)
+
+    def server_info(self) -> dict[str, Any]:
+        """What the server's last ``info`` said (empty before the first)."""
+        with self.lock:
+            return dict(self.info)
 
     def limits(self) -> dict[str, Any] | None:
         """The server's limits, once an ``info`` has come."""
@@ -689,9 +756,11 @@ class Connection:
     def _register(self, header: dict[str, Any], sub: Submission) -> None:
         """An accepted submit: record the job and queue its uploads straight away."""
         job_id, token = header["job"], header["token"]
-        self.jobs[job_id] = JobRecord(job_id, token, sub.names(), sub.frames)
+        record = self.jobs[job_id] = JobRecord(job_id, token, sub.names(), sub.frames)
+        record.segments = dict(sub.segments)
         for index, frame in enumerate(sub.frames):
-            self._queue(pack("upload", [frame], job=job_id, token=token, index=index))
+            if frame is not None:
+                self._queue(pack("upload", [frame], job=job_id, token=token, index=index))
 
     def _internal(self, req: str, header: dict[str, Any]) -> None:
         """Replies to the requests the I/O thread makes itself."""
@@ -752,11 +821,13 @@ class Connection:
     def _reattach(self, record: JobRecord) -> None:
         """Take a job over on the new connection; send again uploads that may be lost."""
         job_id, token = record.id, record.token
-        self._queue(pack("attach", req=f"_attach:{job_id}", job=job_id, token=token))
+        held = bool(record.segments)  # results may still go into this client's segments
+        self._queue(pack("attach", req=f"_attach:{job_id}", job=job_id, token=token, segments=held))
         if record.uploads:
             for index in record.unfinished():
                 frame = record.uploads[index]
-                self._queue(pack("upload", [frame], job=job_id, token=token, index=index))
+                if frame is not None:
+                    self._queue(pack("upload", [frame], job=job_id, token=token, index=index))
         self._queue(pack("status", req=f"_sync:{job_id}", job=job_id, token=token))
 
     def _drop(self, why: str, reopened: bool = False) -> None:
@@ -779,6 +850,7 @@ class Connection:
         for record in self.jobs.values():
             if record.open:
                 record.lost = type(error)(str(error))
+                record.release_segments()
         self._give_up_at = None
 
     def _unfinished(self) -> bool:

@@ -111,19 +111,28 @@ def run_region_tasks(engine: Any, headers: list[dict[str, Any]]) -> list[Any]:
     """
     from .pipeline import stage_from_text
     from .regionio import open_region
+    from .shm import SegmentReader, write_rows
 
     stage = stage_from_text(headers[0]["stage"])
     readers: dict[str, Any] = {}
 
-    def run(batch: list[dict[str, Any]]) -> None:
-        regions = []
-        for h in batch:
-            if h["source"] not in readers:
+    def reader(h: dict[str, Any]) -> Any:
+        if h["source"] not in readers:
+            if "source_layout" in h:  # a same-host client's segment, held by rank 0
+                readers[h["source"]] = SegmentReader(h["source"], h["source_layout"])
+            else:
                 opener = partial(open_region, name=h["source"])
                 readers[h["source"]] = use_beneath(h.get("root"), h["source"], opener)
-            regions.append(readers[h["source"]].read(*h["region"]))
+        return readers[h["source"]]
+
+    def run(batch: list[dict[str, Any]]) -> None:
+        regions = [reader(h).read(*h["region"]) for h in batch]
         results = engine.run(stage, regions, [tuple(h["margins"]) for h in batch])
         for h, result in zip(batch, results):
+            y0, x0 = h["core"][0], h["core"][2]
+            if "target_layout" in h:
+                write_rows(h["target"], h["target_layout"], y0, x0, result)
+                continue
             writer = partial(_write_core, core=h["core"], block=result)
             use_beneath(h.get("root"), h["target"], writer, entry=True)
 

@@ -60,14 +60,27 @@ class OpItem(msgspec.Struct, forbid_unknown_fields=True):
     params: dict[ShortText, ParamValue] = {}
 
 
+class SegmentRef(msgspec.Struct, forbid_unknown_fields=True):
+    """A client's shared-memory segment (:mod:`mpi_imgproc.shm`): its process, descriptor
+    number and the nonce its header holds."""
+
+    pid: Annotated[int, msgspec.Meta(ge=1, le=2**22)]
+    fd: Annotated[int, msgspec.Meta(ge=0, le=2**20)]
+    nonce: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32}$")]
+
+
 class ImageDesc(msgspec.Struct, forbid_unknown_fields=True):
-    """One image a submit will upload: its name, its encoding and its exact size in bytes."""
+    """One image of a submit: its name, its encoding and its exact size in bytes.  ``file``
+    and ``raw`` images are uploaded after ``accepted``; ``shm`` ones are read from the
+    client's ``segment``, and their result is written into its ``result_segment``."""
 
     size: Count
     name: Name = ""
-    encoding: Literal["file", "raw"] = "file"
+    encoding: Literal["file", "raw", "shm"] = "file"
     shape: Annotated[list[Side], msgspec.Meta(min_length=2, max_length=3)] | None = None
     dtype: Literal["uint8", "uint16"] | None = None
+    segment: SegmentRef | None = None
+    result_segment: SegmentRef | None = None
 
 
 class Submit(Request, tag="submit", forbid_unknown_fields=True):
@@ -106,7 +119,11 @@ class Cancel(JobRequest, tag="cancel", forbid_unknown_fields=True):
 
 
 class Attach(JobRequest, tag="attach", forbid_unknown_fields=True):
-    """Make this connection the job's owner (after a reconnect) and receive what is left."""
+    """Make this connection the job's owner (after a reconnect) and receive what is left;
+    ``segments``: this client holds the job's shm segments (it is the submitter, reconnected),
+    so results may still be left in them; otherwise they come as raw frames."""
+
+    segments: bool = False
 
 
 class Info(Request, tag="info", forbid_unknown_fields=True):
@@ -181,12 +198,17 @@ def _decode(decoder: msgspec.json.Decoder, frame: bytes | memoryview, req: str |
 def check_image_desc(index: int, desc: ImageDesc) -> tuple[tuple[int, ...], str] | None:
     """A raw descriptor's (shape, dtype), checked against its declared size; None for files."""
     where = f"images[{index}]"
+    has_segments = desc.segment is not None or desc.result_segment is not None
+    if desc.encoding == "shm" and (desc.segment is None or desc.result_segment is None):
+        raise ProtocolError("malformed", f"{where}: a shm image needs segment and result_segment")
+    if desc.encoding != "shm" and has_segments:
+        raise ProtocolError("malformed", f"{where}: segments are for shm images only")
     if desc.encoding == "file":
         if desc.shape is not None or desc.dtype is not None:
             raise ProtocolError("malformed", f"{where}: shape and dtype are for raw images only")
         return None
     if desc.shape is None or desc.dtype is None:
-        raise ProtocolError("malformed", f"{where}: a raw image needs shape and dtype")
+        raise ProtocolError("malformed", f"{where}: a {desc.encoding} image needs shape and dtype")
     if len(desc.shape) == 3 and desc.shape[2] not in (1, 3, 4):
         raise ProtocolError("malformed", f"{where}: shape must be [h, w] or [h, w, 1|3|4]")
     expected = math.prod(desc.shape) * np.dtype(desc.dtype).itemsize  # exact: Python ints
@@ -318,6 +340,7 @@ class InfoReply(Reply, tag="info"):
     limits: dict[str, int]
     curve: bool
     by_reference: bool
+    shm: dict[str, Any] | None = None
 
 
 class HeartbeatReply(Reply, tag="heartbeat"):

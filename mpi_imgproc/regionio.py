@@ -178,6 +178,16 @@ def pwrite_all(fd: int, data: Any, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def pread_into(fd: int, buffer: Any, offset: int) -> None:
+    """Fill ``buffer`` (any writable buffer) from ``offset``, continuing short reads."""
+    view = memoryview(buffer).cast("B")
+    while view:
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise ImageReadError(f"file ends before byte {offset + len(view)}")
+        view, offset = view[got:], offset + got
+
+
 def partial_name(target: str, tag: str = "") -> str:
     """Where an output is built before it is renamed into place (same folder, same suffix);
     ``tag`` (a job's and image's) keeps two jobs writing one target from sharing it."""

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import streamio
+from . import shm, streamio
 from .chain import ChainStage
 from .datapaths import create_beneath, fd_path, open_beneath, replace_beneath, use_beneath
 from .errors import ImgprocError, describe, error_code
@@ -122,6 +122,9 @@ class ImageWork:
     decoder: streamio.Decoder | None = None
     encoder: streamio.Encoder | None = None
     gated: deque[tuple[int, Task]] = field(default_factory=deque)  # waiting for decoded rows
+    # A same-host client's input and result segments (rank 0's descriptors, :mod:`shm`).
+    segments: tuple[shm.Attached, ...] = ()
+    shared: bool = False  # its region tasks read and write the segments themselves
 
     @property
     def name(self) -> str:
@@ -149,6 +152,7 @@ class Job:
     shared_fs: bool = False
     targets: Callable[[ImageWork], str] | None = None
     root: str | None = None  # a job by reference: every open is confined to this folder
+    segments_held: bool = True  # its owner holds its shm images' segments (not attached)
     state: str = "queued"
     images: list[ImageWork] = field(default_factory=list)
     ready: deque[Task] = field(default_factory=deque)
@@ -263,6 +267,7 @@ class Scheduler:
         self.streams: list[ImageWork] = []  # images with a decoder or encoder thread
         self.stream_min_bytes = streamio.STREAM_MIN_BYTES
         self.promised: dict[int, int] = {}  # id(image) -> disk bytes its region files need
+        self.shared_memory = False  # every worker reaches rank 0's descriptors (shm images)
         self._task_ids = itertools.count(1)
 
     # -- jobs -------------------------------------------------------------------------
@@ -364,6 +369,10 @@ class Scheduler:
         job = image.job
         if job.shared_fs and job.targets is not None and self._start_regions(image):
             return
+        if image.segments:
+            if self.shared_memory and self._start_shared(image):
+                return
+            image.source.pixels = image.segments[0].pixels()  # mapped: tiles go from there
         if image.source.path and image.source.data is None and not job.shared_fs:
             try:  # read once: probed and sent from memory
                 image.source.data = image.source.encoded()
@@ -452,24 +461,12 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - one bad image must not stop its job
             self._fail_image(image, error_code(exc), describe(exc))
             return True
-        stage = stages[0]
-        height, width = shape[:2]  # of the output: strips are cut there
-        row_bytes = width * math.prod(shape[2:]) * dtype.itemsize
-        rows = max(16, stage.halo, REGION_TASK_BYTES // max(1, row_bytes))
-        rows = max(rows, math.ceil(height / MAX_TILES_PER_IMAGE))
         how = " and ".join(
             f"{what} {'streamed by rank 0' if kind == 'stream' else 'by regions'}"
             for what, kind in zip(("read", "written"), kinds)
         )
-        image.plan = Plan("regions", rows, True, f"{how}: strips of {rows} rows")
-        stage_json = json.dumps(stage.to_json(), separators=(",", ":"))
-        read_from = image.decoded or source
-        for tile, margins in _strips(stage, in_shape, rows):
-            header = {"kind": "region", "stage": stage_json, "source": read_from}
-            header.update(root=job.root, target=image.partial, region=tile.region, core=tile.core)
-            header["margins"] = margins
-            gate = tile.region[1] if image.decoder is not None else None
-            self._queue(image, (header, None), tile, gate)
+        files = {"source": image.decoded or source, "root": job.root, "target": image.partial}
+        self._queue_regions(image, stages[0], in_shape, shape, dtype, how, files)
         image.gated = deque(sorted(image.gated, key=lambda g: g[0]))  # flips read rows late
         for thread in (image.decoder, image.encoder):
             if thread is not None:
@@ -477,6 +474,49 @@ class Scheduler:
         if image.decoder or image.encoder:
             self.streams.append(image)
         return True
+
+    def _start_shared(self, image: ImageWork) -> bool:
+        """Start a same-host client's image as region tasks on its segments: each worker
+        reads its strip (plus halo, or a chain's window) from the input segment and writes
+        its rows into the result segment, and rank 0 moves only task descriptions.  False:
+        the pipeline is not one tiled stage or chain, or whole images were asked for (the
+        image goes the usual way, its tiles sent from the mapped input)."""
+        source, target = image.segments
+        stages = image.job.pipeline.stages_for(source.shape)
+        if image.job.tile == 0 or len(stages) != 1:
+            return False
+        if type(stages[0]) not in (TiledStage, ChainStage):
+            return False
+        image.shared = True
+        files = {"source": source.path, "source_layout": source.layout()}
+        files.update(target=target.path, target_layout=target.layout())
+        how = "read and written by regions of shared memory"
+        self._queue_regions(image, stages[0], source.shape, target.shape, source.dtype, how, files)
+        return True
+
+    def _queue_regions(
+        self,
+        image: ImageWork,
+        stage: Stage,
+        in_shape: tuple[int, ...],
+        shape: tuple[int, ...],
+        dtype: np.dtype,
+        how: str,
+        files: dict[str, Any],
+    ) -> None:
+        """Queue an image's region tasks: full-width strips of the output ``shape``, each
+        reading what ``files`` names (``source``, ``target`` and how to open them)."""
+        height, width = shape[:2]  # of the output: strips are cut there
+        row_bytes = width * math.prod(shape[2:]) * dtype.itemsize
+        rows = max(16, stage.halo, REGION_TASK_BYTES // max(1, row_bytes))
+        rows = max(rows, math.ceil(height / MAX_TILES_PER_IMAGE))
+        image.plan = Plan("regions", rows, True, f"{how}: strips of {rows} rows")
+        stage_json = json.dumps(stage.to_json(), separators=(",", ":"))
+        for tile, margins in _strips(stage, in_shape, rows):
+            header = {"kind": "region", "stage": stage_json, **files}
+            header.update(region=tile.region, core=tile.core, margins=margins)
+            gate = tile.region[1] if image.decoder is not None else None
+            self._queue(image, (header, None), tile, gate)
 
     def _make_region_files(
         self,
@@ -573,10 +613,22 @@ class Scheduler:
         image.decoder = image.encoder = None
         image.decoded = image.partial = image.built = None
         image.gated.clear()
+        self._close_segments(image)
+
+    @staticmethod
+    def _close_segments(image: ImageWork) -> None:
+        """Close rank 0's descriptors of the image's segments (a late task that opens the
+        number again finds another file or none, and its nonce check refuses it)."""
+        for segment in image.segments:
+            segment.close()
+        image.segments = ()
 
     def _regions_done(self, image: ImageWork) -> None:
         """Every strip is written (and encoded): the output takes its name."""
         job = image.job
+        if image.shared:  # the result segment is the output
+            self._image_done(image, ImageResult())
+            return
         assert job.targets is not None and image.partial is not None
         target = job.targets(image)
         built = image.built or image.partial
@@ -714,7 +766,7 @@ class Scheduler:
         if task.tile is None:
             self._whole_image_done(image, done)
             return
-        if image.partial is not None:  # a region task: its rows are in the output file
+        if image.partial is not None or image.shared:  # a region task: its rows are written
             image.pending -= 1
             if image.encoder is not None:
                 image.encoder.finish(task.tile.core[0], task.tile.core[1])
@@ -764,7 +816,9 @@ class Scheduler:
         job = image.job
         image.finished = True
         job.images_done += 1
-        if job.listener.image_done(job, image, result) is False:
+        delivered = job.listener.image_done(job, image, result)
+        self._close_segments(image)
+        if delivered is False:
             job.failed += 1  # the front could not deliver it (and has said why)
         else:
             job.ok += 1

@@ -36,7 +36,7 @@ import numpy as np
 import zmq
 from mpi4py import MPI
 
-from . import __version__, datapaths
+from . import __version__, datapaths, shm
 from .errors import ImgprocError, PathRefused, describe, error_code
 from .imageio import output_path
 from .launch_check import refuse_mismatched_launch
@@ -106,6 +106,7 @@ class Options(argparse.Namespace):
     cutover_ms: float
     inline_ms: float
     stream_min_mb: float
+    no_shm: bool
 
 
 def _number(kind: type, minimum: float, strict: bool = False, maximum: float = float("inf")):
@@ -161,6 +162,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--data-root",
         metavar="DIR",
         help="serve jobs by reference: clients name files under DIR, workers read and write them",
+    )
+    parser.add_argument(
+        "--no-shm",
+        action="store_true",
+        help="take no shared-memory images from clients on this host (they send pixels)",
     )
     parser.add_argument("--curve-keys", metavar="DIR", help="enable CURVE with keys from DIR")
     parser.add_argument(
@@ -249,7 +255,7 @@ def make_backend(comm: MPI.Comm, options: argparse.Namespace) -> tuple[Backend, 
     engines = comm.gather(None, root=0)[1:]
     if comm.Get_size() == 1:
         local = LocalBackend(get_engine(options.engine, per_rank))
-        return local, per_rank, hosts, [local.engine.describe()]
+        return local, per_rank, hosts, [{**local.engine.describe(), "host_id": shm.host_identity()}]
     in_flight = options.in_flight or 2 * per_rank  # one batch running, the next one waiting
     return MPIBackend(comm, in_flight), per_rank, hosts, engines
 
@@ -315,7 +321,19 @@ class ClientReplies(JobListener):
         if image.plan is not None:
             fields["reason"] = image.plan.reason
         frames: list[Any] = []
-        if job.output == "pixels":
+        if image.segments:  # into the client's result segment; only the header goes back
+            target = image.segments[1]
+            try:
+                if result.pixels is not None:  # not by regions: the workers wrote it already
+                    target.write(result.pixels)
+            except (ImgprocError, OSError) as exc:
+                self.image_failed(job, image, error_code(exc), describe(exc))
+                return False
+            fields.update(encoding="shm", shape=list(target.shape), dtype=str(target.dtype))
+            if not job.segments_held:  # attached by another process: the pixels go along
+                frames.append(target.pixels())
+                fields["encoding"] = "raw"
+        elif job.output == "pixels":
             frames.append(np.ascontiguousarray(result.pixels))
             fields.update(raw_fields(frames[0]))
         else:
@@ -525,15 +543,19 @@ class Server:
         self.tickets[job_id] = Ticket(token, user)
         self.reply(identity, pack("accepted", req=msg.req, job=job_id, token=token, images=count))
         self.scheduler.add(job)
+        code = PathRefused.code if msg.paths else shm.SegmentRefused.code
         for index, why in refused.items():
-            self.scheduler.fail_image(job.images[index], PathRefused.code, why)
+            self.scheduler.fail_image(job.images[index], code, why)
 
     def _expect_uploads(self, job: Job, msg: Submit) -> dict[int, str]:
         """Images whose data will come in ``upload`` messages: checked from their declared
         sizes, before a byte of them is accepted."""
         for i, desc in enumerate(msg.images):
             check_image_desc(i, desc)
-        size = sum(d.size for d in msg.images)
+        shared = [i for i, d in enumerate(msg.images) if d.encoding == "shm"]
+        if shared and msg.result != "raw":
+            raise ProtocolError("malformed", "shm images return raw results ('result': 'raw')")
+        size = sum(d.size for d in msg.images if d.encoding != "shm")  # none of it is sent
         if size > self.max_request:
             raise ProtocolError(
                 "limit_exceeded",
@@ -541,7 +563,7 @@ class Server:
                 "(--max-request-mb)",
             )
         held = sum(  # declared by this client's jobs that are still uploading
-            sum(d.size for d in self.uploads[j.id])
+            sum(d.size for d in self.uploads[j.id] if d.encoding != "shm")
             for j in self.scheduler.jobs.values()
             if j.owner == job.owner and j.id in self.uploads
         )
@@ -557,7 +579,35 @@ class Server:
             for i, d in enumerate(msg.images)
         ]
         self.uploads[job.id] = list(msg.images)
-        return {}
+        refused: dict[int, str] = {}
+        for i in shared:
+            job.images[i].uploaded = True  # its pixels are in the client's segment
+            try:
+                job.images[i].segments = self._attach(job, msg.images[i], i)
+            except ImgprocError as exc:
+                refused[i] = str(exc)
+        if all(image.uploaded for image in job.images):
+            del self.uploads[job.id]  # nothing to upload
+        return refused
+
+    def _attach(self, job: Job, desc: ImageDesc, index: int) -> tuple[shm.Attached, ...]:
+        """Open a shm image's two segments, checked against its shape and the shape the
+        pipeline gives it (see :mod:`mpi_imgproc.shm`)."""
+        if self.info_fields.get("shm") is None:
+            raise shm.SegmentRefused("this server takes no shared-memory images (--no-shm)")
+        assert desc.shape is not None and desc.dtype is not None
+        shape = tuple(desc.shape)
+        out_shape = job.pipeline.output_shape(shape)
+        where = f"images[{index}]"
+        source = shm.attach(desc.segment, shape, desc.dtype, False, f"{where}.segment")
+        try:
+            target = shm.attach(
+                desc.result_segment, out_shape, desc.dtype, True, f"{where}.result_segment"
+            )
+        except BaseException:
+            source.close()
+            raise
+        return source, target
 
     def _by_reference(self, job: Job, msg: Submit) -> dict[int, str]:
         """Images named by path: workers read them and write ``output`` themselves.  Every path
@@ -649,6 +699,7 @@ class Server:
         self.reply(identity, pack("attached", req=msg.req, **summary))
         if isinstance(job, Job):
             job.owner = identity
+            job.segments_held = msg.segments
         for old in list(self.outbox):
             if old == identity:
                 continue
@@ -854,6 +905,7 @@ def run_rank0(comm: MPI.Comm, options: Options, front: Front) -> None:
         signal.signal(sig, lambda signum, frame: early.append(signum))
     try:
         backend, per_rank, hosts, engines = make_backend(comm, options)
+        here = shm.host_identity()
         host_counts: dict[str, int] = {}
         for host in hosts:
             host_counts[host] = host_counts.get(host, 0) + 1
@@ -879,6 +931,7 @@ def run_rank0(comm: MPI.Comm, options: Options, front: Front) -> None:
             },
             "curve": bool(options.curve_keys),
             "by_reference": bool(options.data_root),
+            "shm": None if options.no_shm or not here else {"host": here, "uid": os.geteuid()},
         }
         alone = " (alone: rank 0 serves and processes with its local engine)" if size == 1 else ""
         print(f"mpi_imgproc server listening on {front.address}", flush=True)
@@ -894,6 +947,9 @@ def run_rank0(comm: MPI.Comm, options: Options, front: Front) -> None:
             backend, options.max_pixels, options.cutover_ms / 1e3, local, options.inline_ms / 1e3
         )
         scheduler.stream_min_bytes = int(options.stream_min_mb * 2**20)
+        # Workers that reach rank 0's descriptors read and write shm images themselves.
+        reach = here is not None and all(e.get("host_id") == here for e in engines)
+        scheduler.shared_memory = reach
         server = Server(front.sock, scheduler, options, info)
         server.stopping = bool(early)
         server.serve_forever()
@@ -909,7 +965,8 @@ def run_worker(comm: MPI.Comm, options: Options) -> None:
     per_rank = workers_per_rank(comm, options)
     comm.gather(MPI.Get_processor_name(), root=0)
     engine = get_engine(options.engine, per_rank)
-    comm.gather({**engine.describe(), "host": socket.gethostname()}, root=0)
+    described = {**engine.describe(), "host": socket.gethostname()}
+    comm.gather({**described, "host_id": shm.host_identity()}, root=0)
     try:
         serve(comm, engine)
     finally:

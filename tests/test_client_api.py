@@ -227,7 +227,7 @@ def _exact_or_lost(result, expected: np.ndarray) -> None:
 def test_a_result_wait_that_runs_out_says_so_and_the_job_goes_on(cluster):
     image = random_image(np.random.default_rng(6), 600, 600, 3)
     with Client(cluster.address) as client:
-        job = client.submit([image] * 4, SLOW, tile=0)
+        job = client.submit([image] * 8, SLOW, tile=0)  # over 0.5 s on two workers
         with pytest.raises(ServerTimeout, match=r"not done within 0.2 s.*connected"):
             job.result(timeout=0.2)
         assert job.result(timeout=60).ok

@@ -1,0 +1,323 @@
+"""Raw pixels between a client and the cluster on one host, through shared memory.
+
+A client on the server's own host need not push an image through a TCP socket (192 MB each
+way for an 8000² BGR image, several copies on both sides).  It puts the pixels in a
+*segment*: an anonymous shared-memory file (``memfd_create``) laid out as a 64-byte header
+(magic, then a random 16-byte nonce) followed by the pixels in C order; and it makes a second,
+empty segment of the output's shape for the result.  The submit names both by the client's pid,
+file descriptor number and nonce, and the pixels never cross the connection.
+
+Rank 0 opens them through ``/proc/<client pid>/fd/<n>``, which the kernel allows only to the
+client's own user (or root) on the same machine and PID namespace.  The server advertises
+which machine and namespace it is in (:func:`host_identity`, in ``info``), so the client uses
+segments only where that open can succeed; ``ipc://`` sockets were measured first and are no
+faster than TCP here (0.71 s vs 0.67 s for a 192 MB round trip), since every byte is still
+copied through the kernel.
+
+Every field of the reference is hostile.  Before rank 0 opens anything it checks that the
+descriptor is a ``memfd`` (its link reads ``/memfd:…``: never a device, FIFO or file of the
+server's), then that the open file is a regular one of exactly the declared size, sealed
+against shrinking and growing (``F_SEAL_SHRINK|F_SEAL_GROW``: a client that truncated it could
+otherwise make a reader fault with SIGBUS), and that its header holds the nonce sent with the
+submit.  The nonce is what stops a client from naming *another* client's segment: it knows the
+pid and descriptor, perhaps, but not the 128 random bits inside.
+
+Workers on rank 0's host then read their strips from, and write their rows into, rank 0's own
+descriptors (``/proc/<rank 0>/fd/<n>``), checking the nonce again on the file they opened: a
+descriptor number that rank 0 has closed and reused (a cancelled job's) can never lead a late
+task into another file.  When a worker is on another host, rank 0 maps the input and moves
+the tiles over MPI as usual, then writes the result into the output segment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hmac
+import math
+import mmap
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import numpy as np
+
+from .errors import ImageReadError, ImgprocError
+from .regionio import RegionReader, pread_into, pwrite_all
+
+MAGIC = b"MIPSHM01"
+HEADER = 64  # bytes before the pixels: MAGIC, the nonce, zeros
+NONCE_BYTES = 16
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+class SegmentRefused(ImgprocError):
+    """A client's shared-memory segment cannot be used (not there, not a sealed memfd, the
+    wrong size or nonce)."""
+
+    code = "shm_refused"
+
+
+@cache
+def host_identity() -> str | None:
+    """This machine and PID namespace: equal in two processes when one can reach the other's
+    descriptors through ``/proc/<pid>/fd``; None where shared memory segments are not made."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+        ns = os.stat("/proc/self/ns/pid")
+    except OSError:
+        return None
+    return f"{boot}/{ns.st_dev}:{ns.st_ino}"
+
+
+def nbytes(shape: tuple[int, ...], dtype: str | np.dtype) -> int:
+    """Pixel bytes of an image (Python ints: exact for any declared shape)."""
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+class Segment:
+    """A client's segment: pixels of ``shape`` and ``dtype`` in a sealed memfd of its own.
+
+    ``array`` is the pixels, writable, mapped on first use (no copy); ``ref()`` is what a
+    submit sends.  The descriptor stays open until :meth:`close`, so the server can open it
+    meanwhile; the mapping lives as long as ``array`` (or any view of it) does.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: str | np.dtype, name: str = "image"):
+        self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        self.kept = False  # True: a shared_array's, open as long as the array lives
+        self.nonce = secrets.token_bytes(NONCE_BYTES)
+        self._array: np.ndarray | None = None
+        self.fd: int | None = os.memfd_create(
+            f"mpi_imgproc-{name[:40]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        )
+        try:
+            os.ftruncate(self.fd, HEADER + nbytes(self.shape, self.dtype))
+            pwrite_all(self.fd, MAGIC + self.nonce, 0)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    @property
+    def array(self) -> np.ndarray:
+        """The pixels, mapped (at the first use: a result segment once it is filled, when
+        mapping its pages at once costs a fraction of faulting them in one by one)."""
+        if self._array is None:
+            assert self.fd is not None, "segment closed"
+            self._array = map_pixels(self.fd, self.shape, self.dtype, writable=True)
+        return self._array
+
+    @classmethod
+    def holding(cls, image: np.ndarray, name: str = "image") -> Segment:
+        """A segment with a copy of ``image``."""
+        segment = cls(image.shape, image.dtype, name)
+        assert segment.fd is not None
+        # Written, not copied through a mapping: a fresh mapping faults every page in.
+        pwrite_all(segment.fd, np.ascontiguousarray(image), HEADER)
+        return segment
+
+    def ref(self) -> dict[str, Any]:
+        """The segment as a submit names it."""
+        assert self.fd is not None, "segment closed"
+        return {"pid": os.getpid(), "fd": self.fd, "nonce": self.nonce.hex()}
+
+    def close(self) -> None:
+        """Close the descriptor (the server has opened its own, or no longer needs it)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.close()
+
+
+class SharedArray(np.ndarray):
+    """An array that is the whole of a segment (from :func:`shared_array`); arrays derived
+    from it (views, results of arithmetic) are plain ones as far as submits go."""
+
+    segment: Segment | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.segment = None
+
+
+def shared_array(shape: tuple[int, ...], dtype: str | np.dtype = np.uint8) -> SharedArray:
+    """An array in a fresh segment: fill it (decode into it, compute into it) and submit it,
+    and a same-host :class:`mpi_imgproc.client.Client` sends it without copying a byte.  The
+    segment is freed with the array."""
+    segment = Segment(shape, dtype, "shared")
+    segment.kept = True  # mapped now, pages and all: the caller fills it
+    array = segment.array.view(SharedArray)
+    array.segment = segment
+    return array
+
+
+def owner_of(image: np.ndarray) -> Segment | None:
+    """The segment ``image`` is the whole of (an array from :func:`shared_array`), or None."""
+    return image.segment if isinstance(image, SharedArray) else None
+
+
+# -- rank 0: a client's segment, checked and opened -------------------------------------------
+
+
+@dataclass
+class Attached:
+    """Rank 0's own descriptor of a client's segment, checked; closed with :meth:`close`."""
+
+    fd: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    nonce: bytes
+
+    @property
+    def path(self) -> str:
+        """Where other processes on this host open it (rank 0's pid, not ``self``)."""
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def layout(self) -> dict[str, Any]:
+        """What a worker needs to open it and check it is still this segment."""
+        return {"shape": list(self.shape), "dtype": str(self.dtype), "nonce": self.nonce.hex()}
+
+    def pixels(self) -> np.ndarray:
+        """The pixels, read-only and mapped (rank 0 sends tiles straight from them)."""
+        return map_pixels(self.fd, self.shape, self.dtype, writable=False)
+
+    def write(self, image: np.ndarray) -> None:
+        """Put a result into the segment; it must have the segment's shape and dtype."""
+        if tuple(image.shape) != self.shape or image.dtype != self.dtype:
+            raise SegmentRefused(
+                f"the result is {list(image.shape)} {image.dtype}, but the output segment "
+                f"holds {list(self.shape)} {self.dtype}"
+            )
+        pwrite_all(self.fd, np.ascontiguousarray(image), HEADER)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def attach(ref: Any, shape: tuple[int, ...], dtype: str, writable: bool, what: str) -> Attached:
+    """Open the segment ``ref`` (``pid``, ``fd``, ``nonce``) of a client, checked to be a
+    sealed memfd of exactly ``shape`` and ``dtype`` with that nonce; ``what`` names it in
+    errors.  Raises :class:`SegmentRefused` saying why."""
+    path = f"/proc/{int(ref.pid)}/fd/{int(ref.fd)}"
+    try:
+        nonce = bytes.fromhex(ref.nonce)
+    except ValueError:
+        raise SegmentRefused(f"{what}: nonce must be {NONCE_BYTES} bytes in hex") from None
+    try:
+        link = os.readlink(path)  # before any open: a device or FIFO is never opened
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise SegmentRefused(
+            f"{what}: cannot reach {path} ({exc.strerror}); shared memory needs the client "
+            "on the server's host, as the server's user"
+        ) from None
+    if not link.startswith("/memfd:") or not stat.S_ISREG(mode):
+        raise SegmentRefused(f"{what}: {path} is not a shared-memory segment")
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags | os.O_NOCTTY)
+    except OSError as exc:
+        raise SegmentRefused(f"{what}: cannot open {path}: {exc.strerror}") from None
+    try:
+        check_open(fd, shape, dtype, nonce, what)
+    except BaseException:
+        os.close(fd)
+        raise
+    return Attached(fd, tuple(shape), np.dtype(dtype), nonce)
+
+
+def check_open(fd: int, shape: tuple[int, ...], dtype: Any, nonce: bytes, what: str) -> None:
+    """Refuse an open file that is not the sealed segment of this size and nonce."""
+    info = os.fstat(fd)
+    expected = HEADER + nbytes(shape, dtype)
+    if not stat.S_ISREG(info.st_mode):
+        raise SegmentRefused(f"{what}: not a shared-memory segment")
+    if info.st_size != expected:
+        raise SegmentRefused(
+            f"{what}: the segment has {info.st_size} bytes; {list(shape)} {dtype} needs "
+            f"{expected} ({HEADER} of header, then the pixels)"
+        )
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise SegmentRefused(f"{what}: not a memfd (it takes no seals)") from None
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise SegmentRefused(f"{what}: the segment must be sealed against shrinking and growing")
+    head = os.pread(fd, len(MAGIC) + NONCE_BYTES, 0)
+    if head[: len(MAGIC)] != MAGIC or not hmac.compare_digest(head[len(MAGIC) :], nonce):
+        raise SegmentRefused(f"{what}: the segment's header does not hold the nonce sent")
+
+
+def map_pixels(fd: int, shape: tuple[int, ...], dtype: Any, writable: bool) -> np.ndarray:
+    """The pixels of an open segment, mapped."""
+    size = HEADER + nbytes(shape, dtype)
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot)
+    flat = np.frombuffer(mapped, np.dtype(dtype), count=math.prod(shape), offset=HEADER)
+    return flat.reshape(shape)
+
+
+# -- workers: regions of rank 0's descriptors --------------------------------------------------
+
+
+def _open_checked(path: str, layout: dict[str, Any], writable: bool) -> tuple[int, tuple, Any]:
+    shape, dtype = tuple(layout["shape"]), np.dtype(layout["dtype"])
+    try:
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageReadError(f"shared-memory segment gone ({exc.strerror})") from None
+    try:
+        check_open(fd, shape, dtype, bytes.fromhex(layout["nonce"]), "shared-memory segment")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, shape, dtype
+
+
+class SegmentReader(RegionReader):
+    """Regions of a segment rank 0 holds, for a worker on its host."""
+
+    def __init__(self, path: str, layout: dict[str, Any]):
+        self.fd, self.shape, self.dtype = _open_checked(path, layout, writable=False)
+        self.row = math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Rows are read (whole rows are one run of the segment), never mapped: a worker
+        would fault in every page of its strips, a cost the kernel's copy does not have."""
+        y0, y1 = max(0, y0), min(self.shape[0], y1)
+        rows = np.empty((y1 - y0, *self.shape[1:]), self.dtype)
+        pread_into(self.fd, rows, HEADER + y0 * self.row)
+        return rows if (x0, x1) == (0, self.shape[1]) else np.array(rows[:, x0:x1])
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            os.close(self.fd)
+
+
+def write_rows(path: str, layout: dict[str, Any], y0: int, x0: int, block: np.ndarray) -> None:
+    """Write ``block`` at ``(y0, x0)`` of the segment rank 0 holds at ``path``."""
+    fd, shape, dtype = _open_checked(path, layout, writable=True)
+    try:
+        block = np.ascontiguousarray(block.reshape(block.shape[:2] + tuple(shape[2:])), dtype)
+        row = math.prod(shape[1:]) * dtype.itemsize
+        pixel = math.prod(shape[2:]) * dtype.itemsize
+        if y0 < 0 or x0 < 0 or y0 + block.shape[0] > shape[0] or x0 + block.shape[1] > shape[1]:
+            raise ImgprocError(f"rows {y0}+{block.shape[0]} are outside the segment {shape}")
+        if x0 == 0 and block.shape[1] == shape[1]:
+            pwrite_all(fd, block, HEADER + y0 * row)
+            return
+        for i in range(block.shape[0]):
+            pwrite_all(fd, block[i], HEADER + (y0 + i) * row + x0 * pixel)
+    finally:
+        os.close(fd)

@@ -1,0 +1,258 @@
+"""Raw pixels through shared memory between a same-host client and the cluster (mpi_imgproc.shm):
+segments checked like any hostile input, results exact, the server unharmed by forged ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import zmq
+from cluster import running_cluster
+from conftest import random_image
+
+from mpi_imgproc import shm
+from mpi_imgproc.client import Client
+from mpi_imgproc.connection import shares_memory
+from mpi_imgproc.pipeline import Pipeline
+from mpi_imgproc.protocol import decode_reply
+
+pytestmark = pytest.mark.skipif(shm.host_identity() is None, reason="no memfd/proc here")
+
+
+def ref_of(segment: shm.Segment, **change) -> SimpleNamespace:
+    return SimpleNamespace(**{**segment.ref(), **change})
+
+
+# -- the segment checks, in one process ----------------------------------------------------------
+
+
+def test_attach_reads_and_writes_the_client_segments():
+    image = random_image(np.random.default_rng(0), 37, 29)
+    source, result = shm.Segment.holding(image), shm.Segment((37, 29, 3), np.uint8)
+    inp = shm.attach(ref_of(source), image.shape, "uint8", False, "segment")
+    out = shm.attach(ref_of(result), image.shape, "uint8", True, "result_segment")
+    np.testing.assert_array_equal(inp.pixels(), image)
+    out.write(255 - image)
+    np.testing.assert_array_equal(result.array, 255 - image)
+    with pytest.raises(shm.SegmentRefused, match="result is"):
+        out.write(image[:, :3])
+    inp.close(), out.close()
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda s: {"nonce": "00" * 16}, "does not hold the nonce"),
+        (lambda s: {"nonce": "zz"}, "hex"),
+        (lambda s: {"fd": 999_999}, "cannot reach"),
+        (lambda s: {"pid": 2**22 - 1}, "cannot reach"),
+    ],
+)
+def test_attach_refuses_a_forged_reference(make, match):
+    segment = shm.Segment((8, 8), np.uint8)
+    with pytest.raises(shm.SegmentRefused, match=match):
+        shm.attach(ref_of(segment, **make(segment)), (8, 8), "uint8", False, "segment")
+
+
+def test_attach_refuses_anything_but_a_sealed_memfd_of_the_size():
+    segment = shm.Segment((8, 8), np.uint8)
+    with pytest.raises(shm.SegmentRefused, match="has 128 bytes; \\[9, 8\\] uint8 needs 136"):
+        shm.attach(ref_of(segment), (9, 8), "uint8", False, "segment")
+    with pytest.raises(shm.SegmentRefused, match="uint16 needs 192"):
+        shm.attach(ref_of(segment), (8, 8), "uint16", False, "segment")
+    nonce = "ab" * 16
+    reader, writer = os.pipe()  # opening a FIFO could block or steal its data: never opened
+    with tempfile.TemporaryFile() as plain:
+        os.ftruncate(plain.fileno(), shm.HEADER + 64)
+        os.pwrite(plain.fileno(), shm.MAGIC + bytes.fromhex(nonce), 0)
+        for fd in (reader, plain.fileno(), os.open("/dev/null", os.O_RDONLY)):
+            ref = SimpleNamespace(pid=os.getpid(), fd=fd, nonce=nonce)
+            with pytest.raises(shm.SegmentRefused, match="not a shared-memory segment"):
+                shm.attach(ref, (8, 8), "uint8", False, "segment")
+    unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(unsealed, shm.HEADER + 64)
+    os.pwrite(unsealed, shm.MAGIC + bytes.fromhex(nonce), 0)
+    ref = SimpleNamespace(pid=os.getpid(), fd=unsealed, nonce=nonce)
+    with pytest.raises(shm.SegmentRefused, match="sealed against shrinking"):
+        shm.attach(ref, (8, 8), "uint8", False, "segment")
+    os.close(reader), os.close(writer), os.close(unsealed)
+
+
+def test_a_worker_never_follows_a_reused_descriptor_into_another_segment():
+    image = random_image(np.random.default_rng(1), 20, 16, channels=1)
+    first = shm.Segment.holding(image)
+    attached = shm.attach(ref_of(first), image.shape, "uint8", True, "segment")
+    path, layout = attached.path, attached.layout()
+    np.testing.assert_array_equal(
+        shm.SegmentReader(path, layout).read(3, 9, 2, 11), image[3:9, 2:11]
+    )
+    shm.write_rows(path, layout, 4, 0, np.zeros((2, 16), np.uint8))
+    shm.write_rows(path, layout, 7, 5, np.ones((3, 4), np.uint8))  # not full rows: row by row
+    expected = image.copy()
+    expected[4:6], expected[7:10, 5:9] = 0, 1
+    np.testing.assert_array_equal(first.array, expected)
+    other = shm.Segment((20, 16), np.uint8)
+    again = shm.attach(ref_of(other), (20, 16), "uint8", True, "segment")
+    number = attached.fd
+    attached.close()
+    os.dup2(again.fd, number)  # rank 0 reused the number for another job's segment
+    with pytest.raises(shm.SegmentRefused, match="nonce"):
+        shm.SegmentReader(path, layout)
+    with pytest.raises(shm.SegmentRefused, match="nonce"):
+        shm.write_rows(path, layout, 0, 0, np.zeros((1, 16), np.uint8))
+    os.close(number), again.close()
+
+
+def test_a_shared_array_is_its_segment_and_views_are_not():
+    array = shm.shared_array((5, 6, 3), np.uint16)
+    assert shm.owner_of(array) is not None and shm.owner_of(array).array.shape == (5, 6, 3)
+    assert shm.owner_of(array[1:]) is None and shm.owner_of(array + 1) is None
+    assert shm.owner_of(np.zeros(3)) is None
+
+
+def test_the_client_uses_segments_only_for_a_server_that_can_open_them():
+    here = shm.host_identity()
+    assert shares_memory({"shm": {"host": here, "uid": os.geteuid()}})
+    assert shares_memory({"shm": {"host": here, "uid": 0}})
+    assert not shares_memory({"shm": {"host": "elsewhere", "uid": os.geteuid()}})
+    assert not shares_memory({"shm": {"host": here, "uid": os.geteuid() + 1}})
+    assert not shares_memory({"shm": None}) and not shares_memory({})
+
+
+# -- through a real cluster ------------------------------------------------------------------------
+
+PIPELINES = {
+    "tiled": ["gaussian_blur:ksize=9", "sobel"],
+    "chain": [
+        "crop:x=3,y=5,width=80,height=54",
+        "resize:scale=0.5,interpolation=linear",
+        "sharpen",
+    ],
+    "global": ["grayscale", "equalize_hist", "box_blur:ksize=3"],
+}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_cluster(3) as cluster:
+        yield cluster
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", PIPELINES)
+@pytest.mark.parametrize("channels, dtype", [(3, np.uint8), (1, np.uint16)])
+def test_arrays_go_through_shared_memory_and_come_back_exact(server, kind, channels, dtype):
+    if kind == "global" and dtype == np.uint16:
+        pytest.skip("equalize_hist takes 8-bit images")
+    rng = np.random.default_rng(7)
+    images = [
+        random_image(rng, 211, 197, channels, dtype),
+        random_image(rng, 64, 90, channels, dtype),
+    ]
+    pipeline = Pipeline.parse(PIPELINES[kind])
+    with Client(server.address, timeout=30) as client:
+        job = client.submit(images, pipeline)
+        results = [e for e in job.events(timeout=60) if e.type == "result"]
+        outcome = job.result(timeout=60)
+    assert outcome.ok, outcome.errors
+    assert {e.header["encoding"] for e in results} == {"shm"}
+    assert all(not e.header.get("written") for e in results)
+    for image, got in zip(images, outcome.images):
+        np.testing.assert_array_equal(got, pipeline.apply(image))
+    paths = {e.header["path"] for e in results}
+    assert paths == ({"regions"} if kind != "global" else paths - {"regions"})
+
+
+@pytest.mark.timeout(120)
+def test_a_shared_array_is_sent_without_a_copy_and_sockets_stay_an_option(server):
+    image = random_image(np.random.default_rng(3), 300, 280)
+    shared = shm.shared_array(image.shape, image.dtype)
+    shared[...] = image
+    pipeline = Pipeline.parse(["median_blur:ksize=5"])
+    with Client(server.address, timeout=30) as client:
+        job = client.submit([shared, shared], pipeline)  # the same segment twice, read-only
+        outcome = job.result(timeout=60)
+        assert outcome.ok, outcome.errors
+        for got in outcome.images:
+            np.testing.assert_array_equal(got, pipeline.apply(image))
+        np.testing.assert_array_equal(shared, image)  # the input is untouched
+        again = client.submit([shared], pipeline).result(timeout=60)  # its fd is still open
+        np.testing.assert_array_equal(again.images[0], pipeline.apply(image))
+    with Client(server.address, timeout=30, shared_memory=False) as client:
+        job = client.submit([image], pipeline)
+        encodings = {e.header["encoding"] for e in job.events(timeout=60) if e.type == "result"}
+        assert encodings == {"raw"}
+        np.testing.assert_array_equal(job.result(timeout=60).images[0], pipeline.apply(image))
+
+
+def _submit(sock: zmq.Socket, images: list[dict], **extra) -> tuple[dict, list[dict]]:
+    header = {"v": 2, "type": "submit", "pipeline": ["invert"], "images": images, **extra}
+    sock.send_multipart([json.dumps(header).encode()])
+    assert sock.poll(20000)
+    first = json.loads(sock.recv_multipart()[0])
+    messages: list[dict] = []
+    while first["type"] == "accepted" and (not messages or messages[-1]["type"] != "done"):
+        assert sock.poll(30000), "no reply"
+        head, *_ = sock.recv_multipart()
+        decode_reply(head)
+        messages.append(json.loads(head))
+    return first, messages
+
+
+def _desc(source: shm.Segment, result: shm.Segment, **change) -> dict:
+    desc = {"name": "x", "size": source.array.nbytes, "encoding": "shm"}
+    desc.update(shape=list(source.shape), dtype=str(source.dtype))
+    desc.update(segment=source.ref(), result_segment=result.ref())
+    return {**desc, **change}
+
+
+@pytest.mark.timeout(120)
+def test_forged_segments_fail_alone_and_the_server_goes_on(server):
+    """Each forged image fails with shm_refused, naming the field and why; the good image
+    of the same job comes back exact; malformed descriptors are refused whole."""
+    image = random_image(np.random.default_rng(5), 40, 30)
+    good = (shm.Segment.holding(image), shm.Segment(image.shape, image.dtype))
+    victim = shm.Segment.holding(image)  # another client's segment: its nonce is secret
+    small = shm.Segment((40, 29, 3), np.uint8)
+    reader, writer = os.pipe()
+    pipe_ref = {"pid": os.getpid(), "fd": reader, "nonce": "ab" * 16}
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    try:
+        forged = [
+            _desc(*good),
+            _desc(*good, segment={**victim.ref(), "nonce": "00" * 16}),
+            _desc(*good, result_segment=small.ref()),
+            _desc(*good, segment=pipe_ref),
+            _desc(*good, segment={**good[0].ref(), "pid": 2**22}),
+        ]
+        first, messages = _submit(sock, forged)
+        assert first["type"] == "accepted", first
+        errors = {m["index"]: m for m in messages if m["type"] == "image_error"}
+        assert set(errors) == {1, 2, 3, 4} and {m["code"] for m in errors.values()} == {
+            "shm_refused"
+        }
+        assert "images[1].segment" in errors[1]["message"] and "nonce" in errors[1]["message"]
+        assert "images[2].result_segment" in errors[2]["message"]
+        assert "not a shared-memory segment" in errors[3]["message"]
+        assert "cannot reach" in errors[4]["message"]
+        np.testing.assert_array_equal(good[1].array, 255 - image)
+        for bad, why in [
+            ({"segment": None}, "needs segment and result_segment"),
+            ({"encoding": "raw"}, "segments are for shm images only"),
+            ({"segment": {**good[0].ref(), "nonce": "ab"}}, "nonce"),
+        ]:
+            first, _ = _submit(sock, [_desc(*good, **bad)])
+            assert first["type"] == "error" and why in first["message"], first
+        first, _ = _submit(sock, [_desc(*good)], result="png")
+        assert first["type"] == "error" and "raw results" in first["message"]
+    finally:
+        sock.close()
+        os.close(reader), os.close(writer)
+    with Client(server.address, timeout=30) as client:  # still serving
+        assert client.submit([image], ["invert"]).result(timeout=60).ok
