@@ -31,6 +31,7 @@ from .client import (
     _within,
     check_limits,
     prepare_submit,
+    shares_memory,
 )
 from .errors import ImgprocError
 from .pipeline import Pipeline
@@ -92,8 +93,10 @@ class AsyncClient:
         curve_keys: str | Path | None = None,
         timeout: float = 30.0,
         heartbeat: float | None = None,
+        shared_memory: bool = True,
     ):
         self.address, self.timeout = address, timeout
+        self.shared_memory = shared_memory
         self._core = Connection(address, curve_keys, heartbeat)
         self._finalizer = weakref.finalize(self, self._core.close, 0.0)
 
@@ -123,8 +126,11 @@ class AsyncClient:
         progress: bool = True,
     ) -> AsyncJob:
         """Send images with a pipeline, as :meth:`Client.submit`; returns an AsyncJob."""
-        sub = await asyncio.to_thread(prepare_submit, images, pipeline, names)
-        check_limits(await self._limits(), sub.descs)
+        limits = await self._limits()  # the server's info has come
+        shared = result == "raw" and self.shared_memory
+        shared = shared and shares_memory(self._core.server_info())
+        sub = await asyncio.to_thread(prepare_submit, images, pipeline, names, shared)
+        check_limits(limits, sub.descs)
         fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile, "result": result}
         req = self._core.request("submit", submission=sub, progress=progress, **fields)
         header, _ = await self._reply(req, "submit")

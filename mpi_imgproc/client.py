@@ -404,6 +404,8 @@ class MapStream:
         self.most_in_flight, self.stopped = 0, False
         self._inputs = enumerate(images)
         self._held: tuple[int, Any, dict, Any] | None = None  # read, waits for the next chunk
+        # The pipeline when arrays go through shared memory, False when not (None: not known)
+        self._shared: Pipeline | bool | None = None
         self._exhausted = False
         self._flight: dict[str, tuple[Job, list[tuple[int, Any]]]] = {}
         self._ready: deque[MapItem | dict[str, Any]] = deque()
@@ -481,7 +483,12 @@ class MapStream:
             if loaded is None:
                 break
             index, source, desc, frame = loaded
-            if desc["size"] > most:
+            if desc.get("encoding") == "shm":  # nothing to upload: no size limit to mind
+                sub.segments[len(sub.descs)], frame = frame, None
+                members.append((index, source))
+                sub.descs.append(desc)
+                sub.frames.append(frame)
+            elif desc["size"] > most:
                 self._refuse(index, source, desc["name"], "limit_exceeded", _too_large(desc, most))
             elif members and sub.size + desc["size"] > most:
                 self._held = loaded  # it starts the next chunk
@@ -497,13 +504,23 @@ class MapStream:
         for index, source in self._inputs:
             name = default_name(source, index)
             try:
-                desc, frame = load_image(source, name)
+                desc, frame = load_image(source, name, self._shared_pipeline())
             except ImageReadError as exc:
                 self._refuse(index, source, name, "image_read_error", str(exc))
                 continue
             return index, source, desc, frame
         self._exhausted = True
         return None
+
+    def _shared_pipeline(self) -> Pipeline | None:
+        """The pipeline, when arrays go through shared memory (see :class:`Client`)."""
+        if self._shared is None:
+            client = self.client
+            raw = self.options["result"] == "raw" and client.shared_memory
+            self._shared = (
+                Pipeline.from_json(self.pipeline) if raw and client._shares_memory() else False
+            )
+        return self._shared or None
 
     def _refuse(self, index: int, source: Any, name: str, code: str, message: str) -> None:
         self._ready.append(MapItem(index, source, name, error=(code, message)))

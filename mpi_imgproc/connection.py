@@ -214,7 +214,11 @@ def prepare_submit(
     (a server on this host that takes them), arrays go through shared memory."""
     steps = as_pipeline(pipeline)
     loaded = [
-        load_image(image, names[i] if names else default_name(image, i), steps if shared else None)
+        load_image(
+            image,
+            names[i] if names else default_name(image, i),
+            steps if shared and i < SHARED_PER_SUBMIT else None,
+        )
         for i, image in enumerate(images)
     ]
     sub = Submission(steps.to_json(), [d for d, _ in loaded], [f for _, f in loaded])
@@ -222,6 +226,11 @@ def prepare_submit(
         if desc.get("encoding") == "shm":
             sub.segments[index], sub.frames[index] = frame, None
     return sub
+
+
+# Images of one submit sent through shared memory; the rest go through the socket.  Each
+# holds two descriptors in this process until its result comes.
+SHARED_PER_SUBMIT = 128
 
 
 def shares_memory(info: dict[str, Any]) -> bool:

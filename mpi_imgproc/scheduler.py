@@ -124,6 +124,7 @@ class ImageWork:
     gated: deque[tuple[int, Task]] = field(default_factory=deque)  # waiting for decoded rows
     # A same-host client's input and result segments (rank 0's descriptors, :mod:`shm`).
     segments: tuple[shm.Attached, ...] = ()
+    open_segments: Callable[[], tuple[shm.Attached, ...]] | None = None  # at the image's start
     shared: bool = False  # its region tasks read and write the segments themselves
 
     @property
@@ -369,6 +370,12 @@ class Scheduler:
         job = image.job
         if job.shared_fs and job.targets is not None and self._start_regions(image):
             return
+        if image.open_segments is not None:
+            try:
+                image.segments, image.open_segments = image.open_segments(), None
+            except ImgprocError as exc:  # the segment is not the one declared: this image fails
+                self._fail_image(image, exc.code, str(exc))
+                return
         if image.segments:
             if self.shared_memory and self._start_shared(image):
                 return
@@ -479,11 +486,11 @@ class Scheduler:
         """Start a same-host client's image as region tasks on its segments: each worker
         reads its strip (plus halo, or a chain's window) from the input segment and writes
         its rows into the result segment, and rank 0 moves only task descriptions.  False:
-        the pipeline is not one tiled stage or chain, or whole images were asked for (the
+        the pipeline is not one tiled stage or chain, or a tile size was asked for (the
         image goes the usual way, its tiles sent from the mapped input)."""
         source, target = image.segments
         stages = image.job.pipeline.stages_for(source.shape)
-        if image.job.tile == 0 or len(stages) != 1:
+        if image.job.tile != "auto" or len(stages) != 1:
             return False
         if type(stages[0]) not in (TiledStage, ChainStage):
             return False

@@ -28,6 +28,7 @@ import traceback
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -582,21 +583,20 @@ class Server:
         refused: dict[int, str] = {}
         for i in shared:
             job.images[i].uploaded = True  # its pixels are in the client's segment
-            try:
-                job.images[i].segments = self._attach(job, msg.images[i], i)
-            except ImgprocError as exc:
-                refused[i] = str(exc)
+            if self.info_fields.get("shm") is None:
+                refused[i] = "this server takes no shared-memory images (--no-shm)"
+            else:  # opened when the image starts: rank 0 holds descriptors of running ones only
+                job.images[i].open_segments = partial(self._attach, job, msg.images[i], i)
         if all(image.uploaded for image in job.images):
             del self.uploads[job.id]  # nothing to upload
         return refused
 
     def _attach(self, job: Job, desc: ImageDesc, index: int) -> tuple[shm.Attached, ...]:
         """Open a shm image's two segments, checked against its shape and the shape the
-        pipeline gives it (see :mod:`mpi_imgproc.shm`)."""
-        if self.info_fields.get("shm") is None:
-            raise shm.SegmentRefused("this server takes no shared-memory images (--no-shm)")
+        pipeline gives it (see :mod:`mpi_imgproc.shm`); called when the image starts."""
         assert desc.shape is not None and desc.dtype is not None
         shape = tuple(desc.shape)
+        job.pipeline.check_pixel_limit(shape, self.scheduler.max_pixels)  # as for uploads
         out_shape = job.pipeline.output_shape(shape)
         where = f"images[{index}]"
         source = shm.attach(desc.segment, shape, desc.dtype, False, f"{where}.segment")

@@ -149,7 +149,7 @@ def test_map_yields_unreadable_and_oversized_inputs_as_errors_and_goes_on(cluste
     good = write_images(tmp_path / "in", 3, size=(20, 20))
     huge = np.zeros((1800, 1800, 3), np.uint8)  # 9.7 MB raw: over --max-request-mb 8 alone
     inputs = [good[0], tmp_path / "missing.png", huge, good[1], tmp_path, good[2]]
-    with Client(cluster.address) as client:
+    with Client(cluster.address, shared_memory=False) as client:  # shared memory: no limit
         items = sorted(client.map(inputs, ["invert"], window=1, chunk=2), key=lambda i: i.index)
     assert [item.index for item in items] == list(range(6))
     codes = [item.error[0] if item.error else "ok" for item in items]

@@ -265,11 +265,13 @@ def test_limits_reject_oversize_requests_and_images():
     small = random_image(np.random.default_rng(11), 20, 20, 1)
     large = random_image(np.random.default_rng(11), 100, 100, 1)
     with running_cluster(2, "--max-pixels", "5000", "--max-request-mb", "0.02") as cluster:
-        with Client(cluster.address) as client:
-            result = client.submit([small, large, small], ["invert"]).result(timeout=30)
-            assert set(result.errors) == {1}
-            assert result.errors[1][0] == "limit_exceeded"
-            assert "more than the server's limit of 5000 pixels" in result.errors[1][1]
+        for shared in (True, False):  # through shared memory (this host) or the socket
+            with Client(cluster.address, shared_memory=shared) as client:
+                result = client.submit([small, large, small], ["invert"]).result(timeout=30)
+                assert set(result.errors) == {1}
+                assert result.errors[1][0] == "limit_exceeded"
+                assert "more than the server's limit of 5000 pixels" in result.errors[1][1]
+        with Client(cluster.address, shared_memory=False) as client:  # its bytes are sent
             with pytest.raises(RequestTooLarge, match="over the server's limit"):
                 client.submit([large] * 3, ["invert"])  # refused before sending
             descs = [{"name": "l", "encoding": "raw", "shape": [100, 100], "dtype": "uint8"}] * 3

@@ -256,3 +256,32 @@ def test_forged_segments_fail_alone_and_the_server_goes_on(server):
         os.close(reader), os.close(writer)
     with Client(server.address, timeout=30) as client:  # still serving
         assert client.submit([image], ["invert"]).result(timeout=60).ok
+
+
+@pytest.mark.timeout(120)
+def test_map_and_the_async_client_use_shared_memory_too(server):
+    import asyncio
+
+    from mpi_imgproc.aio import AsyncClient
+
+    rng = np.random.default_rng(11)
+    images = [random_image(rng, 50 + 7 * i, 61, 1 + 2 * (i % 2)) for i in range(7)]
+    pipeline = Pipeline.parse(["sharpen", "crop:x=1,y=2"])
+    with Client(server.address, timeout=30) as client:
+        items = list(client.map(images, pipeline, window=2, chunk=3, timeout=60))
+    assert sorted(item.index for item in items) == list(range(7))
+    assert {item.event.header["encoding"] for item in items} == {"shm"}
+    for item in items:
+        assert item.ok, item.error
+        np.testing.assert_array_equal(item.image(), pipeline.apply(images[item.index]))
+
+    async def main():
+        async with AsyncClient(server.address) as client:
+            job = await client.submit(images[:2], pipeline)
+            encodings = [e.header["encoding"] async for e in job.events(60) if e.type == "result"]
+            return encodings, await job.result(timeout=60)
+
+    encodings, outcome = asyncio.run(main())
+    assert encodings == ["shm", "shm"] and outcome.ok
+    for image, got in zip(images, outcome.images):
+        np.testing.assert_array_equal(got, pipeline.apply(image))
