@@ -403,6 +403,7 @@ class Server:
         self.last_seen: dict[bytes, float] = {}
         self.tickets: dict[str, Ticket] = {}
         self.uploads: dict[str, list[ImageDesc]] = {}  # declared images of jobs still uploading
+        self.writing: dict[str, str] = {}  # by-reference outputs of unfinished jobs -> job id
         self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.root = datapaths.data_root(options.data_root) if options.data_root else None
         self.stopping = False
@@ -640,10 +641,16 @@ class Server:
                 image.source.root = str(self.root)
                 target = output_path(image.source.path, outdir, msg.result)
                 _check_target(path, target, image.source.path, targets, msg.overwrite)
+                if str(target) in self.writing:  # both would succeed, the last rename winning
+                    raise PathRefused(
+                        f"input {path!r}: output {target.name} is being written by another job "
+                        f"({self.writing[str(target)]}); wait for it or choose another output"
+                    )
                 targets[i] = str(target)
             except PathRefused as exc:
                 refused[i] = str(exc)
         job.shared_fs, job.targets = True, lambda image: targets[image.index]
+        self.writing.update(dict.fromkeys(targets.values(), job.id))
         job.root = str(self.root)
         return refused
 
@@ -796,6 +803,8 @@ class Server:
         """Keep a finished job's summary for ``status``; free everything else."""
         self.scheduler.forget(job.id)
         self.uploads.pop(job.id, None)
+        for target in [t for t, owner in self.writing.items() if owner == job.id]:
+            del self.writing[target]
         self.finished[job.id] = job.summary()
         while len(self.finished) > FINISHED_JOBS_KEPT:
             old, _ = self.finished.popitem(last=False)

@@ -118,6 +118,21 @@ def test_outputs_never_overwrite_inputs_or_existing_files_unless_asked(root, dea
     assert by_type(forced, "result")[0]["written"] == "out3/img001.png"
 
 
+def test_two_jobs_never_write_one_output_at_once(root, server):
+    """The second job's image is refused while the first job writes the same output; once
+    the first is done, an overwrite goes ahead."""
+    from mpi_imgproc.client import Client
+
+    slow = ["bilateral:d=15", "bilateral:d=15"]
+    with Client(server.address, timeout=30) as client:
+        first = client.submit_paths(["in/big.png"], slow, "dup", overwrite=True)
+        second = client.submit_paths(["in/big.png"], BLUR, "dup", overwrite=True).result(60)
+        code, message = second.errors[0]
+        assert code == "path_refused" and "being written by another job" in message
+        assert first.result(timeout=60).ok
+        assert client.submit_paths(["in/big.png"], BLUR, "dup", overwrite=True).result(60).ok
+
+
 def test_an_output_outside_the_root_is_refused(dealer):
     reply, _ = run(dealer, paths=["in/img000.png"], output="../elsewhere")
     assert reply["type"] == "error" and reply["code"] == "path_refused"
