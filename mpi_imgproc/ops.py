@@ -30,6 +30,7 @@ shape without running it (limits are checked before the memory is spent).
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,6 +40,7 @@ import cv2
 import numpy as np
 
 from .errors import InvalidParameter, UnknownOp, UnsupportedImage
+from .warpmaps import WARP_BORDERS, WARP_INTERPOLATIONS
 
 POINT = "point"
 NEIGHBOURHOOD = "neighbourhood"
@@ -154,6 +156,13 @@ class Op:
     # params) -> the result as a NumPy view, equal to ``func``'s but made without a copy, so a
     # pipeline applies it where the image is and the next stage's tiles read through it.
     view: Callable[..., np.ndarray] | None = None
+    # For ops that are a view for some parameters only (rotate: quarter turns): bound params ->
+    # whether ``view`` applies.  None: whenever ``view`` is given.
+    view_when: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def is_view(self, params: Mapping[str, Any]) -> bool:
+        """Whether the op with these bound ``params`` only re-indexes pixels (see ``view``)."""
+        return self.view is not None and (self.view_when is None or self.view_when(params))
 
     @property
     def tileable(self) -> bool:
@@ -838,21 +847,86 @@ def _crop_rule(shape: tuple[int, ...], p: Mapping[str, Any]) -> tuple[int, ...]:
 
 
 def _rotate_rule(shape: tuple[int, ...], p: Mapping[str, Any]) -> tuple[int, ...]:
-    # Quarter turns only: the canvas is never enlarged, 90 and 270 swap height and width.
-    return shape if p["angle"] == 180 else (shape[1], shape[0], *shape[2:])
+    return (*rotate_canvas(shape[0], shape[1], p["angle"]), *shape[2:])
 
 
 _ROTATIONS = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}
+ROTATE_BORDERS = tuple(WARP_BORDERS)
+# Below this, a canvas side computed in floating point that should be a whole number is one:
+# cos(90 degrees) is 6e-17, not 0.
+_CANVAS_SLACK = 1e-6
 
 
-def rotate(image: np.ndarray, angle: int) -> np.ndarray:
-    """Rotate clockwise by 90, 180 or 270 degrees."""
-    return cv2.rotate(image, _ROTATIONS[angle])
+def quarter_turn(angle: float) -> int | None:
+    """``angle`` as 0, 90, 180 or 270 clockwise degrees when it is a multiple of 90, else None."""
+    turn = float(angle) % 360.0
+    return int(turn) if turn % 90.0 == 0.0 else None
 
 
-def rotate_view(image: np.ndarray, angle: int) -> np.ndarray:
-    """``rotate`` as a view (clockwise quarter turns are negative turns for NumPy)."""
-    return np.rot90(image, k=-angle // 90, axes=(0, 1))
+def rotate_canvas(height: int, width: int, angle: float) -> tuple[int, int]:
+    """Output (height, width) of ``rotate``: the smallest canvas that holds the whole image.
+
+    Quarter turns keep the size (90 and 270 swap it).  Other angles: with ``c = |cos a|`` and
+    ``s = |sin a|``, width ``ceil(w*c + h*s - 1e-6)`` and height ``ceil(w*s + h*c - 1e-6)``
+    (at least 1): the bounding box of the rotated ``w x h`` rectangle of pixel edges, which at
+    90 degrees is exactly ``h x w``.
+    """
+    turn = quarter_turn(angle)
+    if turn is not None:
+        return (height, width) if turn in (0, 180) else (width, height)
+    rad = math.radians(angle)
+    c, s = abs(math.cos(rad)), abs(math.sin(rad))
+    out_w = math.ceil(width * c + height * s - _CANVAS_SLACK)
+    out_h = math.ceil(width * s + height * c - _CANVAS_SLACK)
+    return max(1, out_h), max(1, out_w)
+
+
+def rotate_matrix(shape: tuple[int, ...], out: tuple[int, ...], angle: float) -> np.ndarray:
+    """The 2x3 matrix taking an output pixel ``(x', y')`` of ``rotate`` to its source ``(x, y)``.
+
+    The input's centre ``((w-1)/2, (h-1)/2)`` goes to the canvas's centre ``((w'-1)/2,
+    (h'-1)/2)``; with ``c = cos a`` and ``s = sin a`` (a clockwise on screen, y pointing down),
+    ``x = cx + c*(x'-cx') + s*(y'-cy')`` and ``y = cy - s*(x'-cx') + c*(y'-cy')``, in double
+    precision.  At 90 degrees this is the quarter turn ``out[i, j] = in[h-1-j, i]``.
+    """
+    rad = math.radians(angle)
+    c, s = math.cos(rad), math.sin(rad)
+    cy, cx = (shape[0] - 1) / 2, (shape[1] - 1) / 2
+    oy, ox = (out[0] - 1) / 2, (out[1] - 1) / 2
+    return np.array([[c, s, cx - c * ox - s * oy], [-s, c, cy + s * ox - c * oy]])
+
+
+def rotate(
+    image: np.ndarray, angle: float, interpolation: str, border: str, value: int
+) -> np.ndarray:
+    """Rotate clockwise by ``angle`` degrees about the centre, on a canvas that holds it all.
+
+    Multiples of 90 degrees re-index the pixels (0 is a copy); other angles are OpenCV's
+    ``warpAffine`` with ``interpolation``, filling the canvas outside the image by ``border``
+    (``constant``: ``value`` on every channel, saturated to the image's range; ``replicate``:
+    the nearest edge pixel).
+    """
+    turn = quarter_turn(angle)
+    if turn == 0:
+        return image.copy()
+    if turn is not None:
+        return cv2.rotate(image, _ROTATIONS[turn])
+    out_h, out_w = rotate_canvas(image.shape[0], image.shape[1], angle)
+    matrix = rotate_matrix(image.shape, (out_h, out_w), angle)
+    flags = WARP_INTERPOLATIONS[interpolation] | cv2.WARP_INVERSE_MAP
+    border_mode = WARP_BORDERS[border]
+    return cv2.warpAffine(
+        image, matrix, (out_w, out_h), flags=flags, borderMode=border_mode, borderValue=(value,) * 4
+    )
+
+
+def rotate_view(
+    image: np.ndarray, angle: float, interpolation: str, border: str, value: int
+) -> np.ndarray:
+    """``rotate`` by a quarter turn as a view (clockwise turns are negative turns for NumPy)."""
+    turn = quarter_turn(angle)
+    assert turn is not None, "only quarter turns are views"
+    return image if turn == 0 else np.rot90(image, k=-turn // 90, axes=(0, 1))
 
 
 _FLIPS = {"horizontal": 1, "vertical": 0, "both": -1}
@@ -908,9 +982,21 @@ _register(
         GEOMETRIC,
         rotate.__doc__ or "",
         rotate,
-        (Param("angle", int, 90, "clockwise degrees", choices=(90, 180, 270)),),
+        (
+            Param("angle", float, 90.0, "clockwise degrees", minimum=-360.0, maximum=360.0),
+            Param(
+                "interpolation",
+                str,
+                "linear",
+                "method for angles that are not multiples of 90",
+                choices=tuple(WARP_INTERPOLATIONS),
+            ),
+            Param("border", str, "constant", "fill outside the image", choices=ROTATE_BORDERS),
+            Param("value", int, 0, "fill value for border=constant", minimum=0, maximum=65535),
+        ),
         shape_rule=_rotate_rule,
         view=rotate_view,
+        view_when=lambda p: quarter_turn(p["angle"]) is not None,
     )
 )
 _register(

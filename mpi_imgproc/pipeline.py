@@ -10,9 +10,10 @@ the whole-image result:
 * ``ReduceStage`` / ``ApplyStage`` — the two phases of a global op with a statistic
   (per-tile histograms are summed, then applied per tile).
 * ``ViewStage``   — crop, flip and quarter turns: a NumPy view made where the image is.
-* ``WholeStage``  — ops that need the whole image at once (Canny, resize): one tile.
-* ``ChainStage``  — from ``stages_for(shape)`` only: views, tiled ops and resizes fused into
-  one tiled pass, each output strip computed from its exact input window
+* ``WholeStage``  — ops that need the whole image at once (Canny, resize, rotate by an angle
+  that is no quarter turn): one tile.
+* ``ChainStage``  — from ``stages_for(shape)`` only: views, tiled ops, resizes and rotations
+  fused into one tiled pass, each output strip computed from its exact input window
   (:mod:`mpi_imgproc.chain`).
 
 Every stage has ``process(pixels) -> pixels`` and a JSON form, which is what engines, worker
@@ -71,6 +72,11 @@ class Step:
     def halo(self) -> int:
         """Pixels of real neighbours each tile edge needs for this step."""
         return self.op.halo(self.params) if self.op.tileable else 0
+
+    @property
+    def is_view(self) -> bool:
+        """Whether the step only re-indexes pixels: crop, flip, a quarter turn."""
+        return self.op.is_view(self.params)
 
     def run(self, image: np.ndarray) -> np.ndarray:
         """Apply the step to an image or tile."""
@@ -206,10 +212,11 @@ class Pipeline:
 
     def stages_for(self, shape: Sequence[int]) -> tuple[Stage, ...]:
         """The stages for an input of ``shape``: as ``stages``, except that runs of views,
-        tiled ops and resizes that contain a resize, or a view and a tiled op, become one
+        tiled ops, resizes and rotations that contain a resize or a rotation by an angle that is
+        no quarter turn, or a view and a tiled op, become one
         :class:`~mpi_imgproc.chain.ChainStage` each — a single tiled pass in which no step runs
-        on the whole image (whether a resize can join depends on its sizes, see
-        :mod:`mpi_imgproc.chain`)."""
+        on the whole image (whether a resize or a rotation can join depends on its sizes and
+        modes, see :mod:`mpi_imgproc.chain`)."""
         from .chain import ChainStage, chainable
 
         try:
@@ -221,9 +228,9 @@ class Pipeline:
         start = 0
 
         def close() -> None:
-            has = {("resize" if s.op.name == "resize" else "view" if s.op.view else "tiled")
+            has = {("view" if s.is_view else "tiled" if s.op.tileable else "resample")
                    for s in run}  # fmt: skip
-            if "resize" in has or {"view", "tiled"} <= has:
+            if "resample" in has or {"view", "tiled"} <= has:
                 stages.append(ChainStage(tuple(run), shapes[start]))
             elif run:
                 stages.extend(Pipeline(run).stages)
@@ -256,7 +263,7 @@ class Pipeline:
             if run:
                 stages.append(TiledStage(tuple(run)))
                 run = []
-            if step.op.view is not None:
+            if step.is_view:
                 stages.append(ViewStage(step))
             elif step.op.two_phase:
                 stages.append(ReduceStage(step))
@@ -346,7 +353,7 @@ class ViewStage(Stage):
 
     def process(self, pixels: np.ndarray) -> np.ndarray:
         self.step.op.check_image(pixels)
-        assert self.step.op.view is not None
+        assert self.step.op.view is not None and self.step.is_view
         if pixels.ndim == 3 and pixels.shape[2] == 1:  # shaped as OpenCV's kernel shapes it
             return self.step.run(pixels)
         return self.step.op.view(pixels, **self.step.params)

@@ -75,7 +75,15 @@ OP_SPECS = {
         st.integers(0, 8),
         st.integers(0, 8),
     ),
-    "rotate": st.builds(lambda a: _spec("rotate", angle=a), st.sampled_from([90, 180, 270])),
+    "rotate": st.one_of(
+        st.builds(lambda a: _spec("rotate", angle=a), st.sampled_from([90, 180, 270, -90, 0])),
+        st.builds(
+            lambda a, i, b: _spec("rotate", angle=a, interpolation=i, border=b),
+            st.floats(-360, 360).map(lambda v: round(v, 2)),
+            st.sampled_from(["nearest", "linear", "cubic", "lanczos"]),
+            st.sampled_from(["constant", "replicate"]),
+        ),
+    ),
     "flip": st.builds(
         lambda a: _spec("flip", axis=a), st.sampled_from(["horizontal", "vertical", "both"])
     ),

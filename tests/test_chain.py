@@ -1,9 +1,10 @@
-"""Chains (crop, flip, quarter turns, resize and tiled ops in one tiled pass) are exact.
+"""Chains (crop, flip, rotations, resize and tiled ops in one tiled pass) are exact.
 
 Every chain's output, cut into strips as small as one row, equals ``Pipeline.apply`` on the
 whole image bit for bit; the resizes are drawn with ratios whose period is short enough to be
-chained, and the tests check that they were (a chain that silently fell back to a whole-image
-stage would prove nothing).
+chained, rotations with every interpolation and border, and the tests check that they were
+chained and cut into several strips (a chain that silently fell back to a whole-image stage
+would prove nothing).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mpi_imgproc.chain import ChainStage, resize_cut, resize_period
+from mpi_imgproc.chain import ChainStage, resize_cut, resize_period, rotation_cut
 from mpi_imgproc.local_engines import get_engine
 from mpi_imgproc.pipeline import Pipeline, stage_from_json
 from mpi_imgproc.tiling import run_pipeline
@@ -175,3 +176,109 @@ def test_a_unit_channel_axis_comes_out_as_the_whole_image_shapes_it(specs):
     pixels = np.random.default_rng(0).integers(0, 256, (10, 6, 1), dtype=np.uint8)
     for tile in (1, 3, 100):
         _check(pixels, specs, tile)
+
+
+# ------------------------------------------------------------------ rotation by any angle
+
+ROTATE_MODES = ["nearest", "linear", "cubic", "lanczos"]
+ROTATE_NEIGHBOURS = ["crop:x=1,y=1", "gaussian_blur:ksize=3", "sharpen", "flip:axis=both",
+                     "rotate:angle=180", "invert"]  # fmt: skip
+
+
+@st.composite
+def rotations(draw):
+    """(image, specs, rotate spec): an odd-sized gray, BGR or BGRA image of 8 or 16 bits, and a
+    rotation by an angle that is no quarter turn, with steps before and after it."""
+    height, width = draw(st.integers(3, 41)), draw(st.integers(3, 41))
+    channels = draw(st.sampled_from([1, 3, 4]))
+    dtype = draw(st.sampled_from([np.uint8, np.uint16]))
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    rng = draw(st.integers(0, 2**32 - 1).map(lambda s: np.random.default_rng(s)))
+    pixels = rng.integers(0, np.iinfo(dtype).max + 1, shape, dtype=dtype)
+    angle = draw(st.one_of(
+        st.floats(-360, 360, allow_nan=False).map(lambda a: round(a, 4)),
+        st.sampled_from([45.0, -45.0, 0.5, -0.25, 89.99, 90.01, 135.0, 359.9]),
+    ).filter(lambda a: a % 90 != 0))  # fmt: skip
+    mode = draw(st.sampled_from(ROTATE_MODES))
+    border = draw(st.sampled_from(["constant", "replicate"]))
+    value = draw(st.sampled_from([0, 77, 255, 300, 65535]))
+    rotate = f"rotate:angle={angle},interpolation={mode},border={border},value={value}"
+    before = draw(st.lists(st.sampled_from(ROTATE_NEIGHBOURS), max_size=2))
+    after = draw(st.lists(st.sampled_from(ROTATE_NEIGHBOURS + ["rotate:angle=90"]), max_size=2))
+    return pixels, [*before, rotate, *after], rotate
+
+
+@settings(
+    max_examples=int(os.environ.get("CHAIN_EXAMPLES", "120")) * 2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(rotations(), st.integers(1, 9))
+def test_chained_rotation_equals_the_whole_image(chain, tile):
+    pixels, specs, rotate = chain
+    stages = Pipeline.parse(specs).stages_for(pixels.shape)
+    step = Pipeline.parse([rotate]).steps[0]
+    if rotation_cut(step.params):
+        (stage,) = [s for s in stages if isinstance(s, ChainStage) and step in s.steps]
+        assert len(stage.tiles(tile)) > 1 or stage.output_shape[0] <= tile
+    else:
+        assert not any(isinstance(s, ChainStage) and step in s.steps for s in stages)
+    _check(pixels, specs, tile)
+
+
+def test_which_rotations_are_cut_into_strips():
+    """Cubic with a replicated border runs whole: OpenCV's bicubic kernel then depends on the
+    source's size for taps far outside it, so a window differs from the whole image."""
+
+    def cut(spec):
+        return rotation_cut(Pipeline.parse([spec]).steps[0].params)
+
+    for mode in ("nearest", "linear", "lanczos"):
+        assert cut(f"rotate:angle=30,interpolation={mode},border=replicate")
+        assert cut(f"rotate:angle=30,interpolation={mode},border=constant")
+    assert cut("rotate:angle=30,interpolation=cubic,border=constant")
+    assert not cut("rotate:angle=30,interpolation=cubic,border=replicate")
+    specs = ["sharpen", "rotate:angle=30,interpolation=cubic,border=replicate", "sharpen"]
+    pixels = np.random.default_rng(4).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    stages = Pipeline.parse(specs).stages_for(pixels.shape)
+    assert [type(s).__name__ for s in stages] == ["TiledStage", "WholeStage", "TiledStage"]
+    _check(pixels, specs, 4)
+
+
+@pytest.mark.parametrize("angle", [1.0, 15.0, 45.0, 60.0, 89.0])
+def test_a_rotation_of_a_medium_image_reads_a_bounded_window_per_strip(angle):
+    """A strip of a rotated image reads the bounding box of a tilted band: strips grow (as for
+    halos) until the windows together read at most three times the input, and stay several."""
+    shape = (1000, 800, 3)
+    (stage,) = Pipeline.parse([f"rotate:angle={angle}"]).stages_for(shape)
+    tiles = stage.tiles(64)
+    read = sum((t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) for t in tiles)
+    assert read <= 3 * shape[0] * shape[1] and len(tiles) >= 3
+    assert all(t.region[1] <= shape[0] and t.region[3] <= shape[1] for t in tiles)
+
+
+@pytest.mark.parametrize("engine", ["threads", "processes"])
+def test_crop_rotate_sharpen_is_one_tiled_pass(engine):
+    rng = np.random.default_rng(8)
+    pixels = rng.integers(0, 65536, (230, 170, 4), dtype=np.uint16)
+    specs = ["crop:x=5,y=7,width=150,height=200", "rotate:angle=-7.5,interpolation=lanczos",
+             "sharpen"]  # fmt: skip
+    (stage,) = Pipeline.parse(specs).stages_for(pixels.shape)
+    assert isinstance(stage, ChainStage) and len(stage.tiles(16)) > 5
+    assert stage_from_json(stage.to_json()) == stage
+    _check(pixels, specs, 16, engine)
+
+
+def test_a_quarter_turn_after_a_rotation_starts_a_new_chain():
+    """A rotation computes whole rows: a turn after it would make every strip redo it all."""
+    specs = ["rotate:angle=20", "rotate:angle=90", "sharpen"]
+    stages = Pipeline.parse(specs).stages_for((50, 40, 3))
+    assert [len(s.steps) for s in stages if isinstance(s, ChainStage)] == [1, 2]
+    pixels = np.random.default_rng(5).integers(0, 256, (50, 40, 3), dtype=np.uint8)
+    _check(pixels, specs, 3)
+
+
+def test_a_rotation_of_a_unit_channel_axis_comes_out_as_the_whole_image_shapes_it():
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 6, 1), dtype=np.uint8)
+    for tile in (1, 3, 100):
+        _check(pixels, ["rotate:angle=33", "gamma"], tile)

@@ -35,7 +35,7 @@ equalize_hist          CPU fallback (two-phase global op)
 canny                  CPU fallback (whole-image stage)
 resize                 CPU fallback (geometric, whole-image stage)
 crop                   CPU fallback (geometric, whole-image stage)
-rotate                 CPU fallback (geometric, whole-image stage)
+rotate                 CPU fallback (a view, in a chain, or a whole-image stage)
 flip                   CPU fallback (geometric, whole-image stage)
 =====================  ===================================================================
 
