@@ -43,6 +43,8 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from .errors import ImgprocError
+
 FLOAT_MODES = ("nearest", "linear", "cubic")
 WARP_INTERPOLATIONS = {
     "nearest": cv2.INTER_NEAREST,
@@ -124,7 +126,11 @@ def source_maps(m: np.ndarray, rows: range, width: int, mode: str, vector: int |
     ys = np.arange(rows.start, rows.stop)
     if mode == "lanczos":
         return _fixed_coords(m, ys, width)
-    assert vector is not None or mode == "cubic", "linear and nearest need the vector width"
+    if vector is None and mode != "cubic":  # rank 0's CPU chained it; this one differs
+        raise ImgprocError(
+            f"rotate: this machine's OpenCV warps {mode} with a vector loop none of the known "
+            "widths reproduces, so its strips cannot be cut here; use tile 0 for this pipeline"
+        )
     sx, sy = _float_coords(m, ys, width, mode, vector or 1)
     return sx, sy, None
 

@@ -170,10 +170,11 @@ def test_halo_of_chained_ops_adds_up():
     assert p.halo == 4 + 4 + 1
 
 
-@pytest.mark.parametrize("amount", [0.0, 0.37, 0.5, 1.0, 2.3, 4.0])
+@pytest.mark.parametrize("amount", [0.0, 0.37, 0.5, 1.0, 2.3, 4.0, 7.0, 20.0])
 @pytest.mark.parametrize("shape", [(37, 53), (41, 29, 3), (16, 17, 4)])
 def test_sharpen_looks_up_exactly_what_its_float64_formula_gives(rng, amount, shape):
-    """The 8-bit table path against the formula it stands for, on every value and edge."""
+    """The 8-bit paths (an integer kernel for integer amounts, else a table) against the
+    formula they stand for, on every value and edge."""
     image = rng.integers(0, 256, shape, dtype=np.uint8)
     image[:4] = 0
     image[-4:] = 255  # the largest details, both signs
