@@ -31,6 +31,7 @@ from .client import (
     _within,
     check_limits,
     prepare_submit,
+    probe_segment,
     shares_memory,
 )
 from .errors import ImgprocError
@@ -97,6 +98,7 @@ class AsyncClient:
     ):
         self.address, self.timeout = address, timeout
         self.shared_memory = shared_memory
+        self._probed: bool | None = None  # rank 0 can open this process's segments
         self._core = Connection(address, curve_keys, heartbeat)
         self._finalizer = weakref.finalize(self, self._core.close, 0.0)
 
@@ -127,8 +129,7 @@ class AsyncClient:
     ) -> AsyncJob:
         """Send images with a pipeline, as :meth:`Client.submit`; returns an AsyncJob."""
         limits = await self._limits()  # the server's info has come
-        shared = result == "raw" and self.shared_memory
-        shared = shared and shares_memory(self._core.server_info())
+        shared = result == "raw" and self.shared_memory and await self._shares_memory()
         sub = await asyncio.to_thread(prepare_submit, images, pipeline, names, shared)
         check_limits(limits, sub.descs)
         fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile, "result": result}
@@ -173,6 +174,17 @@ class AsyncClient:
     async def _reply(self, req: str, kind: str) -> tuple[dict, list]:
         await self._core.wait_async(lambda: self._core.answered(req), self.timeout)
         return self._core.take_reply(req, kind, self.timeout)
+
+    async def _shares_memory(self) -> bool:
+        """As :meth:`mpi_imgproc.client.Client._shares_memory`."""
+        if self._probed is None:
+            self._probed = False
+            if shares_memory(self._core.server_info()):
+                probe = probe_segment()
+                reply = await self.request("info", probe=probe.ref())
+                self._probed = reply[0].get("shm_probe") is True
+                probe.close()
+        return self._probed
 
     async def _limits(self) -> dict[str, Any]:
         limits = self._core.limits()

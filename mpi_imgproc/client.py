@@ -48,6 +48,7 @@ from .connection import (
     default_name,
     load_image,
     prepare_submit,
+    probe_segment,
     shares_memory,
 )
 from .errors import ImageReadError, ImgprocError, InvalidParameter
@@ -168,6 +169,7 @@ class Client:
     ):
         self.address, self.timeout = address, timeout
         self.shared_memory = shared_memory
+        self._probed: bool | None = None  # rank 0 can open this process's segments
         self._core = Connection(address, curve_keys, heartbeat)
         self._handles: dict[str, Job] = {}
         # A client dropped without close() still stops its thread (and its heartbeats).
@@ -215,8 +217,16 @@ class Client:
         return self._submit(sub, tile, result, progress)
 
     def _shares_memory(self) -> bool:
+        """Whether arrays go through shared memory: the server's info says it may open this
+        process's segments, and a probe (once per client) shows it can."""
         self._limits()  # the server's info has come
-        return shares_memory(self._core.server_info())
+        if self._probed is None:
+            self._probed = False
+            if shares_memory(self._core.server_info()):
+                probe = probe_segment()
+                self._probed = self.info(probe=probe.ref()).get("shm_probe") is True
+                probe.close()
+        return self._probed
 
     def _submit(self, sub: Submission, tile: int | str, result: str, progress: bool) -> Job:
         check_limits(self._limits(), sub.descs)
@@ -285,9 +295,9 @@ class Client:
         """Cancel a job (its owner only); returns its state afterwards."""
         return self.request("cancel", job=job_id, token=token)[0]
 
-    def info(self) -> dict[str, Any]:
+    def info(self, **fields: Any) -> dict[str, Any]:
         """Ranks, hosts, engines, versions, queue, limits and heartbeat rate of the server."""
-        return self.request("info")[0]
+        return self.request("info", **fields)[0]
 
     def request(self, kind: str, frames: Sequence[Any] = (), **fields: Any) -> tuple[dict, list]:
         """Send one request and wait for its direct reply (raises ServerError on ``error``)."""

@@ -183,7 +183,8 @@ def load_image(
     Raises ImageReadError for a path that is not a readable regular file (a FIFO, a folder).
     """
     out_shape = None
-    if isinstance(image, np.ndarray) and pipeline is not None:
+    # (h, w, 1) arrays keep the socket: its results keep the shape OpenCV gives them.
+    if isinstance(image, np.ndarray) and pipeline is not None and image.shape[2:] != (1,):
         with contextlib.suppress(ImgprocError):  # sent as pixels: the server says why it fails
             out_shape = pipeline.output_shape(image.shape)
     if isinstance(image, np.ndarray) and out_shape is not None:
@@ -234,12 +235,19 @@ SHARED_PER_SUBMIT = 128
 
 
 def shares_memory(info: dict[str, Any]) -> bool:
-    """Whether a server that sent this ``info`` can open this process's segments: it says
-    it takes them, runs on this host and PID namespace, as this user or as root."""
+    """Whether a server that sent this ``info`` may open this process's segments: it says
+    it takes them, runs on this host and PID namespace, as this user or as root (whether it
+    really can, a ``probe`` tells: see :func:`probe_segment`)."""
     offer = info.get("shm")
     if not isinstance(offer, dict) or host_identity() is None:
         return False
     return offer.get("host") == host_identity() and offer.get("uid") in (0, os.geteuid())
+
+
+def probe_segment() -> Segment:
+    """A 1×1 segment for an ``info`` ``probe``: rank 0 opens it exactly as an image's, so a
+    client it cannot reach (another user's, a non-dumpable process) keeps to the socket."""
+    return Segment.holding(np.zeros((1, 1), np.uint8), "probe")
 
 
 def check_limits(limits: dict[str, Any], descs: list[dict[str, Any]]) -> None:

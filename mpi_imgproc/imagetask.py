@@ -137,18 +137,24 @@ def run_region_tasks(engine: Any, headers: list[dict[str, Any]]) -> list[Any]:
             use_beneath(h.get("root"), h["target"], writer, entry=True)
 
     try:
-        run(headers)
-        return [None] * len(headers)
-    except Exception:  # noqa: BLE001 - find the failing task by running them one by one
-        pass
-    outcomes: list[Any] = []
-    for header in headers:
         try:
-            run([header])
-            outcomes.append(None)
-        except Exception as exc:  # noqa: BLE001 - reported to rank 0 as this task's error
-            outcomes.append(exc)
-    return outcomes
+            run(headers)
+            return [None] * len(headers)
+        except Exception:  # noqa: BLE001 - find the failing task by running them one by one
+            pass
+        outcomes: list[Any] = []
+        for header in headers:
+            try:
+                run([header])
+                outcomes.append(None)
+            except Exception as exc:  # noqa: BLE001 - reported to rank 0 as this task's error
+                # Without its traceback: that holds this frame, and so the open readers.
+                outcomes.append(exc.with_traceback(None))
+        return outcomes
+    finally:  # a segment's descriptor pins the client's memory: never left to the collector
+        for opened in readers.values():
+            if hasattr(opened, "close"):
+                opened.close()
 
 
 def _write_core(path: str, core: Any, block: Any) -> None:

@@ -127,7 +127,10 @@ class Attach(JobRequest, tag="attach", forbid_unknown_fields=True):
 
 
 class Info(Request, tag="info", forbid_unknown_fields=True):
-    """Ranks, hosts, engines, versions, queue and limits of the server."""
+    """Ranks, hosts, engines, versions, queue and limits of the server; with ``probe`` (a
+    1×1 8-bit segment), also whether rank 0 can open this client's segments."""
+
+    probe: SegmentRef | None = None
 
 
 class Heartbeat(Request, tag="heartbeat", forbid_unknown_fields=True):
@@ -341,6 +344,7 @@ class InfoReply(Reply, tag="info"):
     curve: bool
     by_reference: bool
     shm: dict[str, Any] | None = None
+    shm_probe: bool | None = None
 
 
 class HeartbeatReply(Reply, tag="heartbeat"):

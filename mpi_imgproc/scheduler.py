@@ -379,7 +379,11 @@ class Scheduler:
         if image.segments:
             if self.shared_memory and self._start_shared(image):
                 return
-            image.source.pixels = image.segments[0].pixels()  # mapped: tiles go from there
+            try:
+                image.source.pixels = image.segments[0].pixels()  # mapped: tiles go from there
+            except OSError as exc:
+                self._fail_image(image, "shm_refused", f"cannot map the segment: {exc.strerror}")
+                return
         if image.source.path and image.source.data is None and not job.shared_fs:
             try:  # read once: probed and sent from memory
                 image.source.data = image.source.encoded()

@@ -332,7 +332,12 @@ class ClientReplies(JobListener):
                 return False
             fields.update(encoding="shm", shape=list(target.shape), dtype=str(target.dtype))
             if not job.segments_held:  # attached by another process: the pixels go along
-                frames.append(target.pixels())
+                try:
+                    frames.append(target.pixels())
+                except OSError as exc:
+                    why = f"cannot map the result segment: {exc.strerror}"
+                    self.image_failed(job, image, "shm_refused", why)
+                    return False
                 fields["encoding"] = "raw"
         elif job.output == "pixels":
             frames.append(np.ascontiguousarray(result.pixels))
@@ -725,7 +730,14 @@ class Server:
             "tasks_in_flight": len(self.scheduler.running),
             "workers_alive": self.scheduler.backend.workers,
         }
-        self.reply(identity, pack("info", req=msg.req, queue=queue, **self.info_fields))
+        extra: dict[str, Any] = {}
+        if msg.probe is not None:  # can rank 0 open this client's segments? (1 x 1, 8-bit)
+            extra["shm_probe"] = False
+            if self.info_fields.get("shm") is not None:
+                with contextlib.suppress(ImgprocError):
+                    shm.attach(msg.probe, (1, 1), "uint8", False, "probe").close()
+                    extra["shm_probe"] = True
+        self.reply(identity, pack("info", req=msg.req, queue=queue, **self.info_fields, **extra))
 
     def _on_heartbeat(self, identity: bytes, user: str | None, msg: Heartbeat, data: list) -> None:
         self.reply(identity, pack("heartbeat", req=msg.req))

@@ -32,6 +32,7 @@ the tiles over MPI as usual, then writes the result into the output segment.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hmac
 import math
@@ -39,6 +40,7 @@ import mmap
 import os
 import secrets
 import stat
+import weakref
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -94,16 +96,16 @@ class Segment:
         self.kept = False  # True: a shared_array's, open as long as the array lives
         self.nonce = secrets.token_bytes(NONCE_BYTES)
         self._array: np.ndarray | None = None
-        self.fd: int | None = os.memfd_create(
-            f"mpi_imgproc-{name[:40]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
-        )
+        self.fd: int | None = None
+        fd = os.memfd_create(f"mpi_imgproc-{name[:40]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.ftruncate(self.fd, HEADER + nbytes(self.shape, self.dtype))
-            pwrite_all(self.fd, MAGIC + self.nonce, 0)
-            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
+            os.ftruncate(fd, HEADER + nbytes(self.shape, self.dtype))
+            pwrite_all(fd, MAGIC + self.nonce, 0)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, REQUIRED_SEALS | fcntl.F_SEAL_SEAL)
         except BaseException:
-            os.close(self.fd)
+            os.close(fd)
             raise
+        self.fd = fd
 
     @property
     def array(self) -> np.ndarray:
@@ -111,7 +113,7 @@ class Segment:
         mapping its pages at once costs a fraction of faulting them in one by one)."""
         if self._array is None:
             assert self.fd is not None, "segment closed"
-            self._array = map_pixels(self.fd, self.shape, self.dtype, writable=True)
+            self._array = map_pixels(self.fd, self.shape, self.dtype, True, populate=True)
         return self._array
 
     @classmethod
@@ -130,9 +132,9 @@ class Segment:
 
     def close(self) -> None:
         """Close the descriptor (the server has opened its own, or no longer needs it)."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        fd, self.fd = getattr(self, "fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def __del__(self) -> None:
         with contextlib.suppress(OSError):
@@ -208,44 +210,72 @@ class Attached:
 def attach(ref: Any, shape: tuple[int, ...], dtype: str, writable: bool, what: str) -> Attached:
     """Open the segment ``ref`` (``pid``, ``fd``, ``nonce``) of a client, checked to be a
     sealed memfd of exactly ``shape`` and ``dtype`` with that nonce; ``what`` names it in
-    errors.  Raises :class:`SegmentRefused` saying why."""
-    path = f"/proc/{int(ref.pid)}/fd/{int(ref.fd)}"
+    errors.  Raises :class:`SegmentRefused` saying why.
+
+    The descriptor is first opened with ``O_PATH``, which opens nothing (no device's open
+    handler runs, no FIFO blocks), and what it refers to is checked on that descriptor; only
+    a memfd is then opened for reading, through ``/proc/self/fd`` of the checked descriptor, so
+    a client that swaps its descriptor meanwhile cannot slip another file in.  Until its nonce
+    is found, every refusal reads the same: a client must not learn which descriptors of which
+    processes exist, or how large another client's segment is.
+    """
     try:
         nonce = bytes.fromhex(ref.nonce)
     except ValueError:
         raise SegmentRefused(f"{what}: nonce must be {NONCE_BYTES} bytes in hex") from None
+    refused = SegmentRefused(
+        f"{what}: not a segment of this client (no such descriptor, not a sealed memfd, or "
+        "not holding the nonce sent); shared memory needs the client on the server's host, "
+        "as the server's user"
+    )
     try:
-        link = os.readlink(path)  # before any open: a device or FIFO is never opened
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise SegmentRefused(
-            f"{what}: cannot reach {path} ({exc.strerror}); shared memory needs the client "
-            "on the server's host, as the server's user"
-        ) from None
-    if not link.startswith("/memfd:") or not stat.S_ISREG(mode):
-        raise SegmentRefused(f"{what}: {path} is not a shared-memory segment")
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+        handle = os.open(f"/proc/{int(ref.pid)}/fd/{int(ref.fd)}", os.O_PATH | os.O_CLOEXEC)
+    except OSError:
+        raise refused from None
     try:
-        fd = os.open(path, flags | os.O_NOCTTY)
-    except OSError as exc:
-        raise SegmentRefused(f"{what}: cannot open {path}: {exc.strerror}") from None
+        if not os.readlink(f"/proc/self/fd/{handle}").startswith("/memfd:"):
+            raise refused
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise refused
+        fd = _reopen(handle, writable)
+    except OSError:
+        raise refused from None
+    finally:
+        os.close(handle)
     try:
+        if not _holds(fd, nonce):
+            raise refused
         check_open(fd, shape, dtype, nonce, what)
+        if not writable and os.fstat(fd).st_blocks * 512 < HEADER + nbytes(shape, dtype):
+            raise SegmentRefused(f"{what}: the segment has holes: its pixels were not written")
     except BaseException:
         os.close(fd)
         raise
     return Attached(fd, tuple(shape), np.dtype(dtype), nonce)
 
 
+def _reopen(handle: int, writable: bool) -> int:
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    return os.open(f"/proc/self/fd/{handle}", flags)
+
+
+def _holds(fd: int, nonce: bytes) -> bool:
+    """Whether an open file starts with the header of the segment of ``nonce``."""
+    try:
+        head = os.pread(fd, len(MAGIC) + NONCE_BYTES, 0)
+    except OSError:
+        return False
+    return head[: len(MAGIC)] == MAGIC and hmac.compare_digest(head[len(MAGIC) :], nonce)
+
+
 def check_open(fd: int, shape: tuple[int, ...], dtype: Any, nonce: bytes, what: str) -> None:
-    """Refuse an open file that is not the sealed segment of this size and nonce."""
-    info = os.fstat(fd)
-    expected = HEADER + nbytes(shape, dtype)
-    if not stat.S_ISREG(info.st_mode):
-        raise SegmentRefused(f"{what}: not a shared-memory segment")
-    if info.st_size != expected:
+    """Refuse an open file that is not the sealed segment of this nonce and size."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode) or not _holds(fd, nonce):
+        raise SegmentRefused(f"{what}: not the segment sent (its header lacks the nonce)")
+    size, expected = os.fstat(fd).st_size, HEADER + nbytes(shape, dtype)
+    if size != expected:
         raise SegmentRefused(
-            f"{what}: the segment has {info.st_size} bytes; {list(shape)} {dtype} needs "
+            f"{what}: the segment has {size} bytes; {list(shape)} {dtype} needs "
             f"{expected} ({HEADER} of header, then the pixels)"
         )
     try:
@@ -254,17 +284,38 @@ def check_open(fd: int, shape: tuple[int, ...], dtype: Any, nonce: bytes, what: 
         raise SegmentRefused(f"{what}: not a memfd (it takes no seals)") from None
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         raise SegmentRefused(f"{what}: the segment must be sealed against shrinking and growing")
-    head = os.pread(fd, len(MAGIC) + NONCE_BYTES, 0)
-    if head[: len(MAGIC)] != MAGIC or not hmac.compare_digest(head[len(MAGIC) :], nonce):
-        raise SegmentRefused(f"{what}: the segment's header does not hold the nonce sent")
 
 
-def map_pixels(fd: int, shape: tuple[int, ...], dtype: Any, writable: bool) -> np.ndarray:
-    """The pixels of an open segment, mapped."""
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int]
+_libc.mmap.argtypes += [ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def map_pixels(
+    fd: int, shape: tuple[int, ...], dtype: Any, writable: bool, populate: bool = False
+) -> np.ndarray:
+    """The pixels of an open segment, mapped; unmapped when the last array over them goes.
+
+    Mapped with ``mmap(2)`` itself: Python's ``mmap`` keeps a duplicate of the descriptor
+    for as long as the mapping lives, and a program holding a thousand results would run
+    out of descriptors.  ``populate``: map every page now (a filled result segment: one call
+    instead of a fault per page).  Raises OSError (ENOMEM) when it cannot be mapped.
+    """
     size = HEADER + nbytes(shape, dtype)
     prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-    mapped = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=prot)
-    flat = np.frombuffer(mapped, np.dtype(dtype), count=math.prod(shape), offset=HEADER)
+    flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+    address = _libc.mmap(None, size, prot, flags, fd, 0)
+    if address in (None, _MAP_FAILED):
+        error = ctypes.get_errno()
+        raise OSError(error, f"cannot map a segment of {size} bytes: {os.strerror(error)}")
+    memory = (ctypes.c_char * size).from_address(address)
+    weakref.finalize(memory, _libc.munmap, address, size)
+    flat = np.frombuffer(memory, np.dtype(dtype), count=math.prod(shape), offset=HEADER)
+    if not writable:
+        flat.flags.writeable = False
     return flat.reshape(shape)
 
 
@@ -274,7 +325,8 @@ def map_pixels(fd: int, shape: tuple[int, ...], dtype: Any, writable: bool) -> n
 def _open_checked(path: str, layout: dict[str, Any], writable: bool) -> tuple[int, tuple, Any]:
     shape, dtype = tuple(layout["shape"]), np.dtype(layout["dtype"])
     try:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        flags = os.O_RDWR if writable else os.O_RDONLY
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
         raise ImageReadError(f"shared-memory segment gone ({exc.strerror})") from None
     try:
@@ -300,9 +352,14 @@ class SegmentReader(RegionReader):
         pread_into(self.fd, rows, HEADER + y0 * self.row)
         return rows if (x0, x1) == (0, self.shape[1]) else np.array(rows[:, x0:x1])
 
+    def close(self) -> None:
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
     def __del__(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            os.close(self.fd)
+        with contextlib.suppress(OSError):
+            self.close()
 
 
 def write_rows(path: str, layout: dict[str, Any], y0: int, x0: int, block: np.ndarray) -> None:

@@ -3,6 +3,7 @@ segments checked like any hostile input, results exact, the server unharmed by f
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import tempfile
@@ -43,43 +44,67 @@ def test_attach_reads_and_writes_the_client_segments():
     inp.close(), out.close()
 
 
-@pytest.mark.parametrize(
-    "make, match",
-    [
-        (lambda s: {"nonce": "00" * 16}, "does not hold the nonce"),
-        (lambda s: {"nonce": "zz"}, "hex"),
-        (lambda s: {"fd": 999_999}, "cannot reach"),
-        (lambda s: {"pid": 2**22 - 1}, "cannot reach"),
-    ],
-)
-def test_attach_refuses_a_forged_reference(make, match):
-    segment = shm.Segment((8, 8), np.uint8)
-    with pytest.raises(shm.SegmentRefused, match=match):
-        shm.attach(ref_of(segment, **make(segment)), (8, 8), "uint8", False, "segment")
+GENERIC = "not a segment of this client"
 
 
-def test_attach_refuses_anything_but_a_sealed_memfd_of_the_size():
-    segment = shm.Segment((8, 8), np.uint8)
+def test_attach_refuses_a_forged_reference_saying_nothing_about_what_is_there():
+    segment = shm.Segment.holding(np.zeros((8, 8), np.uint8))
+    messages = set()
+    for change in ({"nonce": "00" * 16}, {"fd": 999_999}, {"pid": 2**22 - 1}):
+        with pytest.raises(shm.SegmentRefused, match=GENERIC) as refused:
+            shm.attach(ref_of(segment, **change), (8, 8), "uint8", False, "segment")
+        messages.add(str(refused.value))
+    assert len(messages) == 1  # a wrong nonce, no such descriptor, no such process: alike
+    with pytest.raises(shm.SegmentRefused, match="hex"):
+        shm.attach(ref_of(segment, nonce="zz"), (8, 8), "uint8", False, "segment")
+
+
+def test_attach_refuses_anything_but_a_sealed_full_memfd_of_the_size():
+    segment = shm.Segment.holding(np.zeros((8, 8), np.uint8))
     with pytest.raises(shm.SegmentRefused, match="has 128 bytes; \\[9, 8\\] uint8 needs 136"):
         shm.attach(ref_of(segment), (9, 8), "uint8", False, "segment")
     with pytest.raises(shm.SegmentRefused, match="uint16 needs 192"):
         shm.attach(ref_of(segment), (8, 8), "uint16", False, "segment")
+    sparse = shm.Segment((64, 64), np.uint8)  # its pixels never written: pages rank 0 would pay
+    with pytest.raises(shm.SegmentRefused, match="holes"):
+        shm.attach(ref_of(sparse), (64, 64), "uint8", False, "segment")
+    shm.attach(ref_of(sparse), (64, 64), "uint8", True, "result_segment").close()  # results: fine
     nonce = "ab" * 16
     reader, writer = os.pipe()  # opening a FIFO could block or steal its data: never opened
+    messages = set()
     with tempfile.TemporaryFile() as plain:
         os.ftruncate(plain.fileno(), shm.HEADER + 64)
         os.pwrite(plain.fileno(), shm.MAGIC + bytes.fromhex(nonce), 0)
         for fd in (reader, plain.fileno(), os.open("/dev/null", os.O_RDONLY)):
             ref = SimpleNamespace(pid=os.getpid(), fd=fd, nonce=nonce)
-            with pytest.raises(shm.SegmentRefused, match="not a shared-memory segment"):
+            with pytest.raises(shm.SegmentRefused, match=GENERIC) as refused:
                 shm.attach(ref, (8, 8), "uint8", False, "segment")
+            messages.add(str(refused.value))
+    assert len(messages) == 1  # a pipe, a file and a device all read the same
     unsealed = os.memfd_create("unsealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(unsealed, shm.HEADER + 64)
-    os.pwrite(unsealed, shm.MAGIC + bytes.fromhex(nonce), 0)
+    os.pwrite(unsealed, shm.MAGIC + bytes.fromhex(nonce) + bytes(shm.HEADER + 40), 0)
     ref = SimpleNamespace(pid=os.getpid(), fd=unsealed, nonce=nonce)
     with pytest.raises(shm.SegmentRefused, match="sealed against shrinking"):
         shm.attach(ref, (8, 8), "uint8", False, "segment")
     os.close(reader), os.close(writer), os.close(unsealed)
+
+
+def _descriptors() -> int:
+    gc.collect()  # segments of earlier tests
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_mapped_arrays_hold_no_descriptor_and_unmap_with_the_last_view():
+    before = _descriptors()
+    segments = [shm.Segment.holding(np.full((16, 16), i, np.uint8)) for i in range(50)]
+    arrays = [segment.array for segment in segments]
+    for segment in segments:
+        segment.close()
+    assert _descriptors() == before  # Python's mmap would keep a duplicate each
+    views = [a[2:5] for a in arrays]
+    del arrays, segments
+    assert [int(v[0, 0]) for v in views] == list(range(50))  # still mapped through the views
 
 
 def test_a_worker_never_follows_a_reused_descriptor_into_another_segment():
@@ -100,9 +125,9 @@ def test_a_worker_never_follows_a_reused_descriptor_into_another_segment():
     number = attached.fd
     attached.close()
     os.dup2(again.fd, number)  # rank 0 reused the number for another job's segment
-    with pytest.raises(shm.SegmentRefused, match="nonce"):
+    with pytest.raises(shm.SegmentRefused, match="lacks the nonce"):
         shm.SegmentReader(path, layout)
-    with pytest.raises(shm.SegmentRefused, match="nonce"):
+    with pytest.raises(shm.SegmentRefused, match="lacks the nonce"):
         shm.write_rows(path, layout, 0, 0, np.zeros((1, 16), np.uint8))
     os.close(number), again.close()
 
@@ -237,10 +262,11 @@ def test_forged_segments_fail_alone_and_the_server_goes_on(server):
         assert set(errors) == {1, 2, 3, 4} and {m["code"] for m in errors.values()} == {
             "shm_refused"
         }
-        assert "images[1].segment" in errors[1]["message"] and "nonce" in errors[1]["message"]
+        assert "images[1].segment" in errors[1]["message"] and GENERIC in errors[1]["message"]
         assert "images[2].result_segment" in errors[2]["message"]
-        assert "not a shared-memory segment" in errors[3]["message"]
-        assert "cannot reach" in errors[4]["message"]
+        assert "bytes" in errors[2]["message"]  # the client's own segment: it may know why
+        assert errors[3]["message"] == errors[4]["message"].replace("[4]", "[3]")  # all alike
+        assert GENERIC in errors[4]["message"]
         np.testing.assert_array_equal(good[1].array, 255 - image)
         for bad, why in [
             ({"segment": None}, "needs segment and result_segment"),
@@ -285,3 +311,57 @@ def test_map_and_the_async_client_use_shared_memory_too(server):
     assert encodings == ["shm", "shm"] and outcome.ok
     for image, got in zip(images, outcome.images):
         np.testing.assert_array_equal(got, pipeline.apply(image))
+
+
+def _segments_held_by_the_server() -> dict[int, list[str]]:
+    """Segments (memfds) that the server's processes (rank 0 and the workers) hold open."""
+    held: dict[int, list[str]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"mpi_imgproc.server" not in fh.read() or int(pid) == os.getpid():
+                    continue
+            links = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        held[int(pid)] = [link for link in links if link.startswith("/memfd:mpi_imgproc")]
+    return {pid: links for pid, links in held.items() if links}
+
+
+@pytest.mark.timeout(120)
+def test_no_server_process_keeps_a_segment_once_its_images_end(server):
+    """Done, failed (a task error) and cancelled images: rank 0 and every worker let go of
+    the client's segments, so its memory is not pinned."""
+    import time
+
+    image = random_image(np.random.default_rng(9), 900, 700)
+    with Client(server.address, timeout=30) as client:
+        assert client.submit([image] * 2, ["gaussian_blur:ksize=5"]).result(timeout=60).ok
+        for _ in range(3):
+            job = client.submit([image] * 4, ["bilateral:d=9", "sharpen"])
+            next(e for e in job.events(timeout=60) if e.type in ("progress", "result"))
+            job.cancel()
+        deep = random_image(np.random.default_rng(9), 900, 700, 3, np.uint16)
+        failed = client.submit([deep], ["median_blur:ksize=7"]).result(timeout=60)  # in tasks
+        assert failed.errors[0][0] == "unsupported_image"
+        deadline = time.monotonic() + 20
+        while _segments_held_by_the_server() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _segments_held_by_the_server() == {}
+
+
+@pytest.mark.timeout(120)
+def test_gray_arrays_with_a_channel_axis_keep_their_shape_and_the_probe_tells(server):
+    image = random_image(np.random.default_rng(4), 83, 71, 1)[..., None]  # (h, w, 1)
+    pipeline = Pipeline.parse(["sharpen", "crop:x=3,y=4"])
+    outcomes = []
+    for shared in (True, False):
+        with Client(server.address, timeout=30, shared_memory=shared) as client:
+            outcomes.append(client.submit([image], pipeline).result(timeout=60))
+    assert outcomes[0].images[0].shape == outcomes[1].images[0].shape
+    np.testing.assert_array_equal(outcomes[0].images[0], outcomes[1].images[0])
+    with Client(server.address, timeout=30) as client:
+        probe = shm.Segment.holding(np.zeros((1, 1), np.uint8))
+        assert client.info(probe=probe.ref())["shm_probe"] is True
+        assert client.info(probe={**probe.ref(), "nonce": "00" * 16})["shm_probe"] is False
+        assert "shm_probe" not in client.info()
