@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import msgspec
 import numpy as np
 import zmq
 from mpi4py import MPI
@@ -339,6 +340,9 @@ class ClientReplies(JobListener):
                     self.image_failed(job, image, "shm_refused", why)
                     return False
                 fields["encoding"] = "raw"
+            else:  # kept open until sent, for an attach from another process meanwhile
+                frames = SegmentFrames(target)
+                image.segments = image.segments[:1]
         elif job.output == "pixels":
             frames.append(np.ascontiguousarray(result.pixels))
             fields.update(raw_fields(frames[0]))
@@ -355,7 +359,10 @@ class ClientReplies(JobListener):
                 return False
             finally:
                 job.times["encode"] += time.perf_counter() - started
-        self.server.reply(job.owner, pack("result", frames, **fields), job.id)
+        message = pack("result", frames, **fields)
+        if isinstance(frames, SegmentFrames):
+            message = SegmentFrames(frames.segment, message)
+        self.server.reply(job.owner, message, job.id)
         return True
 
     def _written(self, job: Job, image: ImageWork, result: ImageResult, fmt: str) -> str:
@@ -381,6 +388,22 @@ class ClientReplies(JobListener):
 
     def blocked(self, job: Job) -> bool:
         return self.server.backlogged(job.owner)
+
+
+class SegmentFrames(list):
+    """A ``result`` message whose pixels are in a client's result segment, which it keeps
+    open (rank 0's descriptor closes with the message): should the job be attached from
+    another process before it is sent, the pixels can still go along (:meth:`as_raw`)."""
+
+    def __init__(self, segment: shm.Attached, frames: Sequence[Any] = ()):
+        super().__init__(frames)
+        self.segment = segment
+
+    def as_raw(self) -> list:
+        """The message with the pixels as a raw frame (a mapping of the segment)."""
+        header = msgspec.json.decode(self[0])
+        header["encoding"] = "raw"
+        return [msgspec.json.encode(header), self.segment.pixels()]
 
 
 @dataclass(frozen=True)
@@ -717,6 +740,8 @@ class Server:
                 continue
             queue = self.outbox[old]
             mine = [m for m in queue if m[0] == msg.job]
+            if not msg.segments:  # results left in the submitter's segments: pixels go along
+                mine = [(j, _raw(f) if isinstance(f, SegmentFrames) else f) for j, f in mine]
             if mine:
                 self.outbox[old] = deque(m for m in queue if m[0] != msg.job)
                 self.outbox.setdefault(identity, deque()).extend(mine)
@@ -821,6 +846,16 @@ class Server:
         while len(self.finished) > FINISHED_JOBS_KEPT:
             old, _ = self.finished.popitem(last=False)
             self.tickets.pop(old, None)
+
+
+def _raw(frames: SegmentFrames) -> list:
+    try:
+        return frames.as_raw()
+    except OSError as exc:  # cannot be mapped: the client hears why, not nothing
+        header = msgspec.json.decode(frames[0])
+        why = f"cannot map the result segment: {exc.strerror}"
+        fields = {k: header[k] for k in ("job", "index", "name")}
+        return pack("image_error", code="shm_refused", message=why, **fields)
 
 
 def _check_target(

@@ -202,9 +202,13 @@ class Attached:
         pwrite_all(self.fd, np.ascontiguousarray(image), HEADER)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:  # a result segment closes with its message
+        with contextlib.suppress(OSError, AttributeError):
+            self.close()
 
 
 def attach(ref: Any, shape: tuple[int, ...], dtype: str, writable: bool, what: str) -> Attached:

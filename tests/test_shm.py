@@ -365,3 +365,28 @@ def test_gray_arrays_with_a_channel_axis_keep_their_shape_and_the_probe_tells(se
         assert client.info(probe=probe.ref())["shm_probe"] is True
         assert client.info(probe={**probe.ref(), "nonce": "00" * 16})["shm_probe"] is False
         assert "shm_probe" not in client.info()
+
+
+@pytest.mark.timeout(120)
+def test_results_left_in_a_gone_clients_segments_reach_the_process_that_attaches(server):
+    """The job ends while its submitter is gone: its results wait in the outbox, naming the
+    submitter's segments; a new client attaching gets them as raw frames, exact."""
+    import time
+
+    image = random_image(np.random.default_rng(12), 600, 600)
+    pipeline = Pipeline.parse(["bilateral:d=15"])  # about 0.15 s an image: it ends after close
+    first = Client(server.address, timeout=30)
+    job = first.submit([image] * 3, pipeline)
+    ticket = (job.id, job.token)
+    first.close(linger=0)
+    with Client(server.address, timeout=30) as second:
+        deadline = time.monotonic() + 30
+        while second.status(*ticket)["state"] != "done" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        attached = second.attach(*ticket)
+        events = list(attached.events(timeout=60))
+        outcome = attached.result(timeout=60)
+    assert {e.header["encoding"] for e in events if e.type == "result"} == {"raw"}
+    assert outcome.ok and len(outcome.images) == 3
+    for got in outcome.images:
+        np.testing.assert_array_equal(got, pipeline.apply(image))
