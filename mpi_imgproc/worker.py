@@ -276,11 +276,29 @@ def _leave_now(engine: Engine) -> None:
     ctypes.PyDLL(None).exit(0)
 
 
+# glibc serves allocations over 128 KiB with a fresh mmap and returns them on free, so every
+# strip's buffers (a few MiB each: read, intermediates, result) fault in all their pages again,
+# task after task: a fifth of a region task's time.  Kept in the heap instead, they are reused.
+MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest on 64-bit systems
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_buffers() -> None:
+    """Let this process reuse freed buffers of up to 32 MiB (no-op without glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, 4 * MALLOC_MMAP_THRESHOLD)
+
+
 def serve(comm: MPI.Comm, engine: Engine) -> None:
     """Work until rank 0 sends ``TAG_STOP``; then say goodbye so rank 0 can finalise.
 
     A stop that comes while a round computes drops that round: rank 0 wants no more results.
     """
+    keep_buffers()
     # Rank 0 decides when to stop; a worker that died on SIGTERM would end the whole MPI job
     # with an error instead of a clean shutdown.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
