@@ -183,8 +183,14 @@ def load_image(
     Raises ImageReadError for a path that is not a readable regular file (a FIFO, a folder).
     """
     out_shape = None
-    # (h, w, 1) arrays keep the socket: its results keep the shape OpenCV gives them.
-    if isinstance(image, np.ndarray) and pipeline is not None and image.shape[2:] != (1,):
+    # (h, w, 1) arrays keep the socket: its results keep the shape OpenCV gives them.  So
+    # do small ones, which cost the socket little and would each hold two descriptors.
+    if (
+        isinstance(image, np.ndarray)
+        and pipeline is not None
+        and image.shape[2:] != (1,)
+        and image.nbytes >= SHARED_MIN_BYTES
+    ):
         with contextlib.suppress(ImgprocError):  # sent as pixels: the server says why it fails
             out_shape = pipeline.output_shape(image.shape)
     if isinstance(image, np.ndarray) and out_shape is not None:
@@ -232,6 +238,7 @@ def prepare_submit(
 # Images of one submit sent through shared memory; the rest go through the socket.  Each
 # holds two descriptors in this process until its result comes.
 SHARED_PER_SUBMIT = 128
+SHARED_MIN_BYTES = 256 * 2**10  # smaller arrays go through the socket
 
 
 def shares_memory(info: dict[str, Any]) -> bool:

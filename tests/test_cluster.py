@@ -265,9 +265,10 @@ def test_limits_reject_oversize_requests_and_images():
     small = random_image(np.random.default_rng(11), 20, 20, 1)
     large = random_image(np.random.default_rng(11), 100, 100, 1)
     with running_cluster(2, "--max-pixels", "5000", "--max-request-mb", "0.02") as cluster:
-        for shared in (True, False):  # through shared memory (this host) or the socket
+        huge = random_image(np.random.default_rng(11), 600, 600, 1)  # over 256 KiB: shm
+        for shared, big in ((True, huge), (False, large)):  # shared memory, or the socket
             with Client(cluster.address, shared_memory=shared) as client:
-                result = client.submit([small, large, small], ["invert"]).result(timeout=30)
+                result = client.submit([small, big, small], ["invert"]).result(timeout=30)
                 assert set(result.errors) == {1}
                 assert result.errors[1][0] == "limit_exceeded"
                 assert "more than the server's limit of 5000 pixels" in result.errors[1][1]
