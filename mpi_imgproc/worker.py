@@ -32,6 +32,7 @@ from mpi4py import MPI
 from .errors import describe, error_code
 from .imagetask import run_image_task, run_region_tasks
 from .local_engines import Engine
+from .local_engines.base import keep_buffers
 from .mpi_transport import (
     TAG_BYE,
     TAG_PING,
@@ -274,23 +275,6 @@ def _leave_now(engine: Engine) -> None:
     for child in multiprocessing.active_children():
         child.kill()
     ctypes.PyDLL(None).exit(0)
-
-
-# glibc serves allocations over 128 KiB with a fresh mmap and returns them on free, so every
-# strip's buffers (a few MiB each: read, intermediates, result) fault in all their pages again,
-# task after task: a fifth of a region task's time.  Kept in the heap instead, they are reused.
-MALLOC_MMAP_THRESHOLD = 32 * 2**20  # glibc's largest on 64-bit systems
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_buffers() -> None:
-    """Let this process reuse freed buffers of up to 32 MiB (no-op without glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
-    libc.mallopt(_M_TRIM_THRESHOLD, 4 * MALLOC_MMAP_THRESHOLD)
 
 
 def serve(comm: MPI.Comm, engine: Engine) -> None:

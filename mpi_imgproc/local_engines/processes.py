@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import EngineCrashed
 from ..pipeline import Stage, TiledStage, stage_from_text
 from ..tiling import Box, crop_halo, output_like
-from .base import Engine, process_tile
+from .base import Engine, keep_buffers, process_tile
 
 Descriptor = tuple[str, tuple[int, ...], str]  # shared-memory name, shape, dtype
 Slot = tuple[int, tuple[int, ...], str]  # offset in the arena, shape, dtype
@@ -51,6 +51,7 @@ _attached: dict[str, SharedMemory] = {}
 
 def _child_init() -> None:
     cv2.setNumThreads(1)
+    keep_buffers()
 
 
 def _arena(name: str) -> SharedMemory:
