@@ -351,6 +351,7 @@ def run_rank0(comm: MPI.Comm, args: argparse.Namespace, pipeline: Pipeline, work
     stop = Interrupted()
     backend, per_rank, _, _ = make_backend(comm, args)
     scheduler = Scheduler(backend, cutover_s=args.cutover_ms / 1e3)
+    scheduler.stream_min_bytes = int(args.stream_min_mb * 2**20)  # --shared-fs JPEG/PNG
     job = make_job(args, pipeline, work.files, work.targets)
     print(
         f"batch: {work.total} images ({len(work.skipped)} already done, {work.redone} outputs "

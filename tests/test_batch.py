@@ -302,3 +302,23 @@ def test_shared_fs_reads_and_writes_region_formats_by_regions_in_nested_folders(
     assert [r["path"] for r in summary["images"]] == ["regions"]
     written = cv2.imread(summary["images"][0]["output"], cv2.IMREAD_UNCHANGED)
     assert np.array_equal(written, Pipeline.parse(ops[1::2]).apply(image))
+
+
+def test_shared_fs_streams_png_from_the_stream_min_mb_it_is_given(tmp_path):
+    """--stream-min-mb applies to batch mode as to the server: a small PNG is streamed by
+    rank 0 strip by strip at 0, and goes the usual way at the default."""
+    pytest.importorskip("pyvips")
+    image = random_image(np.random.default_rng(10), 200, 150, 3)
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "a.png"), image)
+    paths = []
+    for extra in (["--stream-min-mb", "0"], []):
+        out = tmp_path / f"out{len(paths)}"
+        done = batch("--input", str(tmp_path / "in"), "--output", str(out), "--op", "sharpen",
+                     "--format", "same", "--shared-fs", *extra)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        summary = json.loads((out / "batch-summary.json").read_text())
+        paths.append(summary["images"][0]["path"])
+        written = cv2.imread(summary["images"][0]["output"], cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(written, Pipeline.parse(["sharpen"]).apply(image))
+    assert paths[0] == "regions" and paths[1] != "regions"
