@@ -61,9 +61,19 @@ property tests:
   and nearest and linear where no vector-loop width reproduces OpenCV (``vector_width``).
 
 A strip of a rotation reads the bounding box of a tilted band, about ``rows*|cos a| +
-width*|sin a|`` input rows: near 45 degrees most of the input.  Strips then grow (as for halos)
-until the windows together read at most three times the input, which leaves a few strips on
-medium images.  A quarter turn or another rotation may not follow a rotation in a chain.
+width*|sin a|`` input rows (columns, near 90 degrees): near 45 degrees most of the input.  So a
+rotation is chained only while that *skew* (``min(|sin a|, |cos a|)`` times the canvas' longer
+side) is at most :data:`MAX_ROTATION_SKEW` of the input's smaller side, or 64 pixels: a deskew
+by a few degrees, not a steep turn of a large image, which runs as one whole-image warp (its
+memory is the image and the canvas; a chain's windows would hold most of the image, with
+coordinate maps of about 50 bytes an output pixel on top).  And only for inputs of at least
+:data:`MIN_CHAINED_ROTATION_PIXELS` (128 Mpixel): recomputing the coordinates in NumPy costs
+about fifteen times the CPU of OpenCV's own warp, which smaller images do not need to avoid.
+Within the chain, strips grow (as for halos) until the windows together read at most three
+times the input, and the maps are computed :data:`ROTATE_BLOCK_PIXELS` output pixels at a
+time.  Sides of 32767 pixels or more
+(OpenCV's remap limit) run whole.  A quarter turn or another rotation may not follow a
+rotation in a chain.
 """
 
 from __future__ import annotations
@@ -77,7 +87,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .ops import INTERPOLATIONS, canonical_shape, quarter_turn, rotate_matrix
+from .ops import INTERPOLATIONS, WARP_SIDE_LIMIT, canonical_shape, quarter_turn, rotate_matrix
 from .pipeline import Stage, Step
 from .tiling import Box, Tile
 from .warpmaps import TAPS, remap_window, source_maps, tap_range, vector_width
@@ -136,6 +146,33 @@ def rotation_cut(params: Mapping[str, Any]) -> bool:
     return mode == "lanczos" or vector_width() is not None
 
 
+# A rotation is chained only while a strip's window stays a small part of the input: the
+# strip's full-width rows span a tilted band of about ``skew`` input rows (or columns, near 90
+# degrees), so past this share of the input's smaller side (or 64 rows on a small image) the
+# windows would hold most of the image, and the whole-image warp costs less.
+MAX_ROTATION_SKEW = 1 / 8
+# A chained strip recomputes warpAffine's coordinates in NumPy, at about fifteen times the CPU
+# of the whole-image warp: worth it only where the whole image and its canvas would not fit
+# one process comfortably (at 2**27 pixels, 128 Mpixel: 0.4 GB of 8-bit BGR, twice that to
+# warp), and the only way for images past ``--max-pixels`` (by reference).
+MIN_CHAINED_ROTATION_PIXELS = 2**27
+ROTATE_BLOCK_PIXELS = 1 << 19  # output pixels whose source maps are computed at a time
+
+
+def rotation_bounded(shape: Sequence[int], out: Sequence[int], params: Mapping[str, Any]) -> bool:
+    """Whether a rotation from ``shape`` onto ``out`` is chained: the input has at least
+    :data:`MIN_CHAINED_ROTATION_PIXELS`, OpenCV's remap takes its sides (below 32767; the
+    whole-image warp has no such limit), and the band a strip reads is at most
+    :data:`MAX_ROTATION_SKEW` of the input's smaller side."""
+    if max(*shape[:2], *out[:2]) >= WARP_SIDE_LIMIT:
+        return False
+    if shape[0] * shape[1] < MIN_CHAINED_ROTATION_PIXELS:
+        return False
+    a = math.radians(params["angle"])
+    skew = min(abs(math.sin(a)), abs(math.cos(a))) * max(out[:2])
+    return skew <= max(64.0, MAX_ROTATION_SKEW * min(shape[:2]))
+
+
 def _whole_rows(step: Step) -> bool:
     """Whether a chained step computes whole rows of its output for any box asked of it."""
     return step.op.name == "resize" or step.op.full_rows or _rotation(step)
@@ -153,7 +190,11 @@ def chainable(step: Step, shape: tuple[int, ...], after: Sequence[Step] = ()) ->
     output strip would then need (nearly) every row of theirs, and each strip would redo them.
     """
     if _rotation(step):
-        return rotation_cut(step.params) and not any(_whole_rows(s) for s in after)
+        return (
+            rotation_cut(step.params)
+            and rotation_bounded(shape, step.op.output_shape(shape, step.params), step.params)
+            and not any(_whole_rows(s) for s in after)
+        )
     if step.op.name == "rotate" and quarter_turn(step.params["angle"]) in (90, 270):
         return not any(_whole_rows(s) for s in after)
     if step.op.tileable or step.is_view:
@@ -276,13 +317,18 @@ class Link:
         self.step.op.check_image(block)
         p, out_w = self.step.params, self.shape_out[1]
         mode = p["interpolation"]
-        maps = source_maps(self._matrix, range(want[0], want[1]), out_w, mode, vector_width())
         x_lo, x_hi, y_lo, y_hi = self._rotation_window(want[0], want[1])[1]
-        (ax, bx), (ay, by) = tap_range(maps[0], mode), tap_range(maps[1], mode)
-        if not (x_lo <= ax and bx <= x_hi and y_lo <= ay and by <= y_hi):
-            raise RuntimeError(f"rotate: taps {ax}..{bx}, {ay}..{by} outside the window's range")
-        out = remap_window(block, maps, (need[0], need[2]), mode, p["border"], p["value"])
-        return out[:, want[2] : want[3]]
+        step = max(1, ROTATE_BLOCK_PIXELS // out_w)  # the maps take ~50 bytes an output pixel
+        parts = []
+        for y in range(want[0], want[1], step):
+            rows = range(y, min(want[1], y + step))
+            maps = source_maps(self._matrix, rows, out_w, mode, vector_width())
+            (ax, bx), (ay, by) = tap_range(maps[0], mode), tap_range(maps[1], mode)
+            if not (x_lo <= ax and bx <= x_hi and y_lo <= ay and by <= y_hi):
+                raise RuntimeError(f"rotate: taps {ax}..{bx}, {ay}..{by} outside the window")
+            out = remap_window(block, maps, (need[0], need[2]), mode, p["border"], p["value"])
+            parts.append(out[:, want[2] : want[3]])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def forward(self, pixels: np.ndarray, have: Box, want: Box) -> np.ndarray:
         """This step's output over ``want``, from ``pixels`` covering input box ``have``."""

@@ -120,6 +120,8 @@ def _coerce(op: str, param: Param, raw: Any) -> Any:
         except (TypeError, ValueError, OverflowError):  # null, a list, an infinity
             raise InvalidParameter(f"{where} must be an integer, got {raw!r}") from None
     if param.type is float:
+        if isinstance(raw, bool):  # JSON true is no number of degrees or strength
+            raise InvalidParameter(f"{where} must be a number, got {raw!r}")
         try:
             value = float(raw)
         except (TypeError, ValueError, OverflowError):
@@ -865,9 +867,14 @@ ROTATE_BORDERS = tuple(WARP_BORDERS)
 _CANVAS_SLACK = 1e-6
 
 
+WARP_SIDE_LIMIT = 32767  # cv2.remap (and a lanczos warpAffine) take sides below this
+
+
 def quarter_turn(angle: float) -> int | None:
     """``angle`` as 0, 90, 180 or 270 clockwise degrees when it is a multiple of 90, else None."""
     turn = float(angle) % 360.0
+    if turn == 360.0:  # a tiny negative angle: -1e-20 % 360 rounds up to 360
+        turn = 0.0
     return int(turn) if turn % 90.0 == 0.0 else None
 
 
@@ -920,6 +927,12 @@ def rotate(
     if turn is not None:
         return cv2.rotate(image, _ROTATIONS[turn])
     out_h, out_w = rotate_canvas(image.shape[0], image.shape[1], angle)
+    if interpolation == "lanczos" and max(*image.shape[:2], out_h, out_w) >= WARP_SIDE_LIMIT:
+        raise UnsupportedImage(
+            f"rotate: lanczos takes images and canvases under {WARP_SIDE_LIMIT} pixels a side "
+            f"(OpenCV's limit), this one is {image.shape[1]}x{image.shape[0]} onto "
+            f"{out_w}x{out_h}; use cubic"
+        )
     matrix = rotate_matrix(image.shape, (out_h, out_w), angle)
     flags = WARP_INTERPOLATIONS[interpolation] | cv2.WARP_INVERSE_MAP
     border_mode = WARP_BORDERS[border]

@@ -61,21 +61,31 @@ _VECTOR_WIDTHS = (16, 32, 8, 64, 4)  # AVX2, AVX-512, SSE/NEON, wider; tried in 
 Maps = tuple[np.ndarray, np.ndarray, np.ndarray | None]
 
 
+_LOW29, _HALF29 = (1 << 29) - 1, 1 << 28  # float64 mantissa bits below float32's, and half
+
+
 def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """``a*b + c`` rounded once to float32, as a fused multiply-add of float32 operands.
 
-    The product of two float32 values is exact in float64; the sum is rounded to float64 *to
-    odd* (its error, from Knuth's two-sum, decides), which makes the final rounding to float32
-    correct: 53 bits leave more than the two guard bits that double rounding needs.
+    The product of two float32 values is exact in float64, and the sum ``s`` is rounded to
+    float64 once.  Rounding ``s`` to float32 then gives the correctly rounded result unless
+    ``s`` landed exactly on a float32 rounding midpoint (25 significant bits: the 29 mantissa
+    bits below float32's read ``1000…``): a float32 midpoint is a float64 value, so the exact
+    sum cannot lie across one from ``s``.  Only at those few places is the sum's rounding
+    error (Knuth's two-sum) consulted, and ``s`` nudged off the midpoint to its side.
     """
     p = np.asarray(a, np.float64) * np.asarray(b, np.float64)
     c = np.asarray(c, np.float64)
-    s = p + c
-    t = s - p
-    err = (p - (s - t)) + (c - t)
-    even = (s.view(np.int64) & 1) == 0
-    s = np.where((err != 0) & even, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
-    return s.astype(np.float32)
+    s = np.asarray(p + c)
+    out = s.astype(np.float32)
+    mid = (s.view(np.int64) & _LOW29) == _HALF29
+    if mid.any():
+        ps, cs, ss = np.broadcast_to(p, s.shape)[mid], np.broadcast_to(c, s.shape)[mid], s[mid]
+        t = ss - ps
+        err = (ps - (ss - t)) + (cs - t)
+        nudged = np.where(err == 0, ss, np.nextafter(ss, np.where(err > 0, np.inf, -np.inf)))
+        out[mid] = nudged.astype(np.float32)
+    return out[()] if out.ndim == 0 else out
 
 
 def _float_coords(
@@ -91,10 +101,10 @@ def _float_coords(
             out.append((m0 * x) + ((y * m1) + m2))
             continue
         per_row = (y * m1) + m2
-        body = fma32(m0, x, per_row)
-        tail = fma32(x, m0, y * m1) + m2
-        split = (width // vector) * vector
-        out.append(np.concatenate([body[:, :split], tail[:, split:]], axis=1))
+        split = (width // vector) * vector  # the vector loop's columns, then the scalar tail
+        body = fma32(m0, x[:, :split], per_row)
+        tail = fma32(x[:, split:], m0, y * m1) + m2
+        out.append(np.concatenate([body, tail], axis=1))
     return out[0], out[1]
 
 

@@ -9,14 +9,18 @@ would prove nothing).
 
 from __future__ import annotations
 
+import math
 import os
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mpi_imgproc import chain as chain_module
 from mpi_imgproc.chain import ChainStage, resize_cut, resize_period, rotation_cut
+from mpi_imgproc.errors import UnsupportedImage
 from mpi_imgproc.local_engines import get_engine
 from mpi_imgproc.pipeline import Pipeline, stage_from_json
 from mpi_imgproc.tiling import run_pipeline
@@ -180,6 +184,26 @@ def test_a_unit_channel_axis_comes_out_as_the_whole_image_shapes_it(specs):
 
 # ------------------------------------------------------------------ rotation by any angle
 
+
+@pytest.fixture(autouse=True)
+def small_rotations_chain():
+    """Rotations of small images are chained here: by default only inputs of 128 Mpixel and
+    more are (a cost rule, tested on its own below), and the strips must be exact at any size."""
+    kept = chain_module.MIN_CHAINED_ROTATION_PIXELS
+    chain_module.MIN_CHAINED_ROTATION_PIXELS = 0
+    yield
+    chain_module.MIN_CHAINED_ROTATION_PIXELS = kept
+
+
+def test_by_default_only_large_images_chain_a_rotation():
+    specs = ["sharpen", "rotate:angle=2", "sharpen"]
+    with patch.object(chain_module, "MIN_CHAINED_ROTATION_PIXELS", 2**27):
+        medium = Pipeline.parse(specs).stages_for((6000, 5000, 3))
+        large = Pipeline.parse(specs).stages_for((12000, 11200))
+    assert [type(s).__name__ for s in medium] == ["TiledStage", "WholeStage", "TiledStage"]
+    assert [type(s).__name__ for s in large] == ["ChainStage"]
+
+
 ROTATE_MODES = ["nearest", "linear", "cubic", "lanczos"]
 ROTATE_NEIGHBOURS = ["crop:x=1,y=1", "gaussian_blur:ksize=3", "sharpen", "flip:axis=both",
                      "rotate:angle=180", "invert"]  # fmt: skip
@@ -215,7 +239,14 @@ def rotations(draw):
 )
 @given(rotations(), st.integers(1, 9))
 def test_chained_rotation_equals_the_whole_image(chain, tile):
+    """Strips are exact at any angle: the skew limit (a cost rule, tested below) is lifted so
+    that steep rotations of these small images are chained too."""
     pixels, specs, rotate = chain
+    with patch.object(chain_module, "MAX_ROTATION_SKEW", math.inf):
+        _chained_rotation_equals_the_whole_image(pixels, specs, rotate, tile)
+
+
+def _chained_rotation_equals_the_whole_image(pixels, specs, rotate, tile):
     stages = Pipeline.parse(specs).stages_for(pixels.shape)
     step = Pipeline.parse([rotate]).steps[0]
     if rotation_cut(step.params):
@@ -245,16 +276,49 @@ def test_which_rotations_are_cut_into_strips():
     _check(pixels, specs, 4)
 
 
-@pytest.mark.parametrize("angle", [1.0, 15.0, 45.0, 60.0, 89.0])
+@pytest.mark.parametrize("angle", [1.0, -4.0, 89.0, 179.0])
 def test_a_rotation_of_a_medium_image_reads_a_bounded_window_per_strip(angle):
     """A strip of a rotated image reads the bounding box of a tilted band: strips grow (as for
-    halos) until the windows together read at most three times the input, and stay several."""
+    halos) until the windows together read at most three times the input, and stay several,
+    each window a small part of the input."""
     shape = (1000, 800, 3)
     (stage,) = Pipeline.parse([f"rotate:angle={angle}"]).stages_for(shape)
     tiles = stage.tiles(64)
-    read = sum((t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) for t in tiles)
-    assert read <= 3 * shape[0] * shape[1] and len(tiles) >= 3
+    sizes = [(t.region[1] - t.region[0]) * (t.region[3] - t.region[2]) for t in tiles]
+    assert sum(sizes) <= 3 * shape[0] * shape[1] and len(tiles) >= 3
+    assert max(sizes) <= shape[0] * shape[1] / 3
     assert all(t.region[1] <= shape[0] and t.region[3] <= shape[1] for t in tiles)
+
+
+@pytest.mark.parametrize("angle", [15.0, 45.0, -60.0, 100.0])
+def test_a_steep_rotation_of_a_large_image_runs_whole(angle):
+    """Its strips' windows would hold most of the image, at several times the memory of the
+    whole-image warp: it runs as one stage (with the ops around it still chained)."""
+    shape = (6000, 5000)
+    specs = ["sharpen", f"rotate:angle={angle}", "sharpen"]
+    stages = Pipeline.parse(specs).stages_for(shape)
+    assert [type(s).__name__ for s in stages] == ["TiledStage", "WholeStage", "TiledStage"]
+
+
+def test_sides_past_opencvs_remap_limit_run_whole_and_lanczos_says_why():
+    wide = np.random.default_rng(3).integers(0, 256, (6, 32800), dtype=np.uint8)
+    specs = ["rotate:angle=0.003,interpolation=nearest", "invert"]
+    assert [type(s).__name__ for s in Pipeline.parse(specs).stages_for(wide.shape)] == [
+        "WholeStage",
+        "TiledStage",
+    ]
+    _check(wide, specs, 4)
+    with pytest.raises(UnsupportedImage, match="lanczos takes images and canvases under 32767"):
+        Pipeline.parse(["rotate:angle=0.003,interpolation=lanczos"]).apply(wide)
+
+
+@pytest.mark.parametrize("angle", [-1e-20, -1e-14, -0.0, 1e-300])
+def test_a_tiny_angle_is_no_turn_at_all(angle):
+    pixels = np.random.default_rng(5).integers(0, 256, (5, 3, 3), dtype=np.uint8)
+    specs = ["crop:x=1", f"rotate:angle={angle!r}", "invert"]
+    out = Pipeline.parse(specs).apply(pixels)
+    assert out.shape[:2] == (5, 2)
+    _check(pixels, specs, 1)
 
 
 @pytest.mark.parametrize("engine", ["threads", "processes"])

@@ -71,6 +71,13 @@ def test_bad_parameters_are_named_with_op_and_reason(spec, message):
         parse_spec(spec)
 
 
+def test_a_json_boolean_is_no_number():
+    """JSON ``true`` would otherwise pass as 1 (one degree, an amount of 1)."""
+    for op, param in (("rotate", "angle"), ("sharpen", "amount"), ("gamma", "gamma")):
+        with pytest.raises(InvalidParameter, match=f"^{op}: {param} must be a number, got True"):
+            Pipeline.from_json([{"op": op, "params": {param: True}}])
+
+
 def test_unknown_op_lists_known_names():
     with pytest.raises(UnknownOp, match="unknown op 'blurr'; known ops: .*gaussian_blur"):
         parse_spec("blurr")
