@@ -148,9 +148,10 @@ class Client:
     ``curve_keys``: a folder from ``mpi-imgproc keys``.  ``timeout``: how long to wait for a
     direct reply.  ``heartbeat``: at most this many seconds between messages while jobs are
     unfinished; by default (and whenever it is shorter) the server's own ``heartbeat_s``.
-    ``shared_memory``: send arrays to a server on this host (same machine, PID namespace and
-    user, as its ``info`` says) through shared memory, and take raw results back the same
-    way, instead of through the socket (:mod:`mpi_imgproc.shm`); False: always the socket.
+    ``shared_memory``: send arrays to a server on this host (same machine, PID and network
+    namespaces and user, as its ``info`` says) through shared memory, and take raw results
+    back the same way, instead of through the socket (:mod:`mpi_imgproc.shm`); False: always
+    the socket.
 
     Every wait is bounded and every failure says which case it is: :class:`NothingListening`,
     :class:`CurveRefused`, :class:`ServerGone` (the connection dropped and did not come back,

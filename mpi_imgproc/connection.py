@@ -243,7 +243,7 @@ SHARED_MIN_BYTES = 256 * 2**10  # smaller arrays go through the socket
 
 def shares_memory(info: dict[str, Any]) -> bool:
     """Whether a server that sent this ``info`` may open this process's segments: it says
-    it takes them, runs on this host and PID namespace, as this user or as root (whether it
+    it takes them, runs on this host and namespaces, as this user or as root (whether it
     really can, a ``probe`` tells: see :func:`probe_segment`)."""
     offer = info.get("shm")
     if not isinstance(offer, dict) or host_identity() is None:
