@@ -250,10 +250,8 @@ def attach(ref: Any, shape: tuple[int, ...], dtype: str, writable: bool, what: s
     finally:
         os.close(handle)
     try:
-        if not _holds(fd, nonce):
-            raise refused
-        check_open(fd, shape, dtype, nonce, what)
-        if not writable and os.fstat(fd).st_blocks * 512 < HEADER + nbytes(shape, dtype):
+        info = check_open(fd, shape, dtype, nonce, what, refused)
+        if not writable and info.st_blocks * 512 < info.st_size:
             raise SegmentRefused(f"{what}: the segment has holes: its pixels were not written")
     except BaseException:
         os.close(fd)
@@ -275,11 +273,22 @@ def _holds(fd: int, nonce: bytes) -> bool:
     return head[: len(MAGIC)] == MAGIC and hmac.compare_digest(head[len(MAGIC) :], nonce)
 
 
-def check_open(fd: int, shape: tuple[int, ...], dtype: Any, nonce: bytes, what: str) -> None:
-    """Refuse an open file that is not the sealed segment of this nonce and size."""
-    if not stat.S_ISREG(os.fstat(fd).st_mode) or not _holds(fd, nonce):
-        raise SegmentRefused(f"{what}: not the segment sent (its header lacks the nonce)")
-    size, expected = os.fstat(fd).st_size, HEADER + nbytes(shape, dtype)
+def check_open(
+    fd: int,
+    shape: tuple[int, ...],
+    dtype: Any,
+    nonce: bytes,
+    what: str,
+    refused: SegmentRefused | None = None,
+) -> os.stat_result:
+    """Refuse an open file that is not the sealed segment of this nonce and size (raising
+    ``refused``, if given, where the nonce is not there); its ``fstat`` otherwise."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or not _holds(fd, nonce):
+        raise refused or SegmentRefused(
+            f"{what}: not the segment sent (its header lacks the nonce)"
+        )
+    size, expected = info.st_size, HEADER + nbytes(shape, dtype)
     if size != expected:
         raise SegmentRefused(
             f"{what}: the segment has {size} bytes; {list(shape)} {dtype} needs "
@@ -291,6 +300,7 @@ def check_open(fd: int, shape: tuple[int, ...], dtype: Any, nonce: bytes, what: 
         raise SegmentRefused(f"{what}: not a memfd (it takes no seals)") from None
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         raise SegmentRefused(f"{what}: the segment must be sealed against shrinking and growing")
+    return info
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
