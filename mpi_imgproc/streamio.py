@@ -36,7 +36,7 @@ import numpy as np
 from .datapaths import fd_path, open_beneath, open_entry, unlink_beneath, use_beneath
 from .errors import ImageReadError, ImageWriteError, ImgprocError, describe, error_code
 from .imageio import probe
-from .regionio import pwrite_all
+from .regionio import pwrite_all, swap_red_blue
 
 STREAM_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 STRIP_ROWS = 128  # rows decoded (and made available to workers) at a time
@@ -179,11 +179,7 @@ def _npy_header(fd: int) -> tuple[tuple[int, ...], np.dtype, int]:
 
 def _as_project_order(strip: np.ndarray) -> np.ndarray:
     """libvips' RGB(A) bands in the project's BGR(A) order; gray as (rows, width)."""
-    if strip.shape[2] == 1:
-        return strip[:, :, 0]
-    if strip.shape[2] == 3:
-        return strip[:, :, ::-1]
-    return strip[:, :, [2, 1, 0, 3]]
+    return strip[:, :, 0] if strip.shape[2] == 1 else swap_red_blue(strip)
 
 
 class _Worker(threading.Thread):
@@ -300,7 +296,7 @@ class Encoder(_Worker):
             upto = min(upto, served + max(1, ENCODE_BLOCK_BYTES // row_bytes))
             raw = os.pread(fd, (upto - served) * row_bytes, offset + served * row_bytes)
             rows = np.frombuffer(raw, self.dtype).reshape(upto - served, width, bands)
-            rows = rows[:, :, ::-1] if bands == 3 else rows
+            rows = swap_red_blue(rows) if bands == 3 else rows
             yield rows.astype(self.dtype.newbyteorder(">")) if self.dtype.itemsize > 1 else rows
             served = upto
 

@@ -404,3 +404,21 @@ def test_a_cancelled_stream_leaves_no_scratch_file(streaming):
         messages.append(json.loads(sock.recv_multipart()[0]))
     assert messages[-1]["state"] == "cancelled" and messages[-1]["ok"] == 0
     assert not _leftovers(root / "out-cancel") and not _leftovers(root)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_region_files_swap_red_and_blue_only(channels, dtype):
+    """TIFF is RGB(A), the project BGR(A): the swap (through cvtColor, for speed) must be the
+    plain reversal of the first three channels, for strided input and empty strips too."""
+    from mpi_imgproc.regionio import swap_red_blue
+
+    rng = np.random.default_rng(channels)
+    block = rng.integers(0, np.iinfo(dtype).max + 1, (9, 11, channels), dtype=dtype)
+    order = [2, 1, 0, 3][:channels] if channels > 1 else [0]
+    for view in (block, block[1:8, ::2], block[:0]):
+        got = swap_red_blue(view)
+        expected = view[..., order] if channels > 1 else view
+        assert got.dtype == view.dtype and np.array_equal(got, expected)
+        if channels > 1:
+            assert got.flags.c_contiguous and not np.shares_memory(got, view)
