@@ -49,7 +49,12 @@ from .tiling import Merger, Tile, split_with_halo
 # Where a job's time goes, summed over its images and tasks (seconds).  Rank 0 measures decode
 # (of tiled images), split, send, receive and merge; workers report compute, and the decode and
 # encode they do for whole images; the front adds its own encode.
-REGION_TASK_BYTES = 4 * 2**20  # input bytes per region task: float kernels (sobel) need ~30x
+# Input bytes per region task.  A strip's halo rows and its task's fixed costs (opening the
+# files, a message each way) are paid per strip, so short strips cost throughput: at 4 MiB a
+# 40000-wide RGB strip had 35 rows, and blur(9) + sobel read 45.  At 8 MiB the workers of
+# benchmarks/bench_large.py peak at about 200 MiB (float kernels, such as 16-bit sobel, need
+# up to ~30 times the strip while they run).
+REGION_TASK_BYTES = 8 * 2**20
 TIMED_STAGES = ("decode", "split", "send", "compute", "receive", "merge", "encode")
 
 
