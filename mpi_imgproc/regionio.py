@@ -77,8 +77,10 @@ class TiffReader(RegionReader):
         self.chunk = page.chunks[:2]  # rows, columns of one strip or tile
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        if self.memmap is not None:
-            return swap_red_blue(np.array(self.memmap[y0:y1, x0:x1]))
+        if self.memmap is not None:  # one copy out of the page cache, swapping as it goes
+            block = self.memmap[y0:y1, x0:x1]
+            swapped = swap_red_blue(block)
+            return np.array(block) if swapped is block else swapped
         out = np.empty((y1 - y0, x1 - x0, *self.shape[2:]), self.dtype)
         rows, cols = self.chunk
         across = math.ceil(self.shape[1] / cols)
