@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import psutil
 import tifffile
@@ -195,7 +196,8 @@ def libvips_task(ranks: int, repeat: int) -> None:
                 if result.state != "done" or result.errors:
                     raise RuntimeError(f"job {result.state}: {result.message or result.errors}")
         seconds, rss, stats = min(runs, key=lambda r: r[0])
-    size = (root / "in.jpg").stat().st_size if root.exists() else 0
+        size = (root / "in.jpg").stat().st_size
+        exact = check_jpeg(root / "in.jpg", root / "out" / "in.jpg")
     print(f"libvips task (10000x10000 JPEG{f', {size / 1e6:.0f} MB' if size else ''}, "
           f"{' -> '.join(LIBVIPS_OPS)}, JPEG out), best of {repeat}:")  # fmt: skip
     peak = max(rss["rank0"], *rss["workers"])
@@ -208,7 +210,17 @@ def libvips_task(ranks: int, repeat: int) -> None:
           f"per rank; cluster / OpenCV {seconds / opencv[0]:.2f}x")  # fmt: skip
     times = {k: v for k, v in stats.items() if isinstance(v, float) and v >= 0.005}
     print("  cluster stats: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
-    print(f"  paths: {stats.get('paths')}")
+    print(f"  paths: {stats.get('paths')}; output {exact}")
+
+
+def check_jpeg(source: Path, written: Path) -> str:
+    """The cluster's JPEG decodes to the pixels of OpenCV's own encoding of the pipeline
+    applied whole to OpenCV's decoding of the input (so every pixel before encoding was
+    exact, and the encoding is OpenCV's)."""
+    expected = Pipeline.parse(LIBVIPS_OPS).apply(cv2.imread(str(source)))
+    plain = cv2.imdecode(cv2.imencode(".jpg", expected)[1], cv2.IMREAD_COLOR)
+    assert np.array_equal(cv2.imread(str(written)), plain), "the output differs"
+    return "decodes exactly to OpenCV's encoding of the whole-image result"
 
 
 def main() -> None:

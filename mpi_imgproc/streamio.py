@@ -5,24 +5,29 @@ with libvips (through pyvips, in sequential mode: libvips keeps a few strips in 
 raw ``.npy`` beside the output, strip after strip, on a thread of its own; the workers' region
 tasks (:mod:`mpi_imgproc.regionio`) are handed out as soon as the rows each one reads are
 there, so compute overlaps decode.  Output likewise: the workers write their rows into a raw
-``.npy``, and an encoder thread on rank 0 feeds the rows to libvips' JPEG or PNG writer in
-order, as they are finished, so encoding overlaps compute too.  Both temporary files live in
-the output's folder (every rank sees it) and are removed when the image ends, however it ends.
+``.npy``, and an encoder thread on rank 0 encodes the rows in order, a block at a time, as
+they are finished, so encoding overlaps compute too.  Both temporary files live in the
+output's folder (every rank sees it) and are removed when the image ends, however it ends.
 
-Why libvips: it is the library built for exactly this (demand-driven, strip-wise codecs on
-libjpeg-turbo and libpng), and ``pyvips[binary]`` ships it as a wheel.  Its decoder gives the
-same pixels as OpenCV's for the files streamed here (8-bit JPEG with 1 or 3 components, PNG
-gray, RGB or RGBA, 8 or 16 bits, no palette or ``tRNS``; ``tests/test_streamio.py`` checks it);
-other files take the usual path.  Writing goes into a partial file renamed into place.  The
-JPEG written here is libvips' encoding at OpenCV's settings (quality 95, 4:2:0), so its bytes
-differ from ``cv2.imencode``'s; PNG is lossless, so its pixels are exact.
+Why libvips for decoding: it is the library built for exactly this (demand-driven, strip-wise
+codecs on libjpeg-turbo and libpng), and ``pyvips[binary]`` ships it as a wheel.  Its decoder
+gives the same pixels as OpenCV's for the files streamed here (8-bit JPEG with 1 or 3
+components, PNG gray, RGB or RGBA, 8 or 16 bits, no palette or ``tRNS``;
+``tests/test_streamio.py`` checks it); other files take the usual path.
+
+Encoding needs no library of its own.  A JPEG is OpenCV's (libjpeg-turbo) encoding of blocks of
+whole MCU rows, joined with restart markers (:func:`jpeg_stream`): byte for byte what
+``cv2.imencode`` writes for the whole image with that restart interval, and the same pixels
+as its plain encoding.  (It replaced libvips' encoder, fed a PNG through a pipe: that cost
+about three times the CPU and 40 MiB on rank 0, and its bytes matched no OpenCV encoding.)
+A PNG is framed here (:func:`png_stream`, zlib, filter 0), so its pixels are exact.  Writing
+goes into a partial file renamed into place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import select
 import struct
 import threading
 import zlib
@@ -31,6 +36,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from .datapaths import fd_path, open_beneath, open_entry, unlink_beneath, use_beneath
@@ -64,10 +70,9 @@ def available() -> bool:
     except (ImportError, OSError):
         return False
     # Every stream is read once, in order: libvips' cache of operations (up to 100 MiB and
-    # 100 operations by default) would only hold memory on rank 0.  And its codecs here are
-    # serial (libjpeg, libpng, zlib), with nothing to compute between them: one libvips thread
-    # each (not one per core) decoded and encoded a 10000x10000 JPEG as fast, with 9 MiB less
-    # (measured alone).
+    # 100 operations by default) would only hold memory on rank 0.  And its decoders here are
+    # serial (libjpeg, libpng), with nothing to compute after them: one libvips thread (not
+    # one per core) decoded a 10000x10000 JPEG as fast, with 6 MiB less (measured alone).
     pyvips.cache_set_max(0)
     pyvips.cache_set_max_mem(0)
     pyvips.concurrency_set(1)
@@ -171,8 +176,7 @@ def encodable(target: str, shape: tuple[int, ...], dtype: np.dtype) -> bool:
     suffix = Path(target).suffix.lower()
     channels = shape[2] if len(shape) == 3 else 1
     if suffix in (".jpg", ".jpeg"):
-        fits = max(shape[:2]) <= JPEG_MAX_SIDE
-        return fits and channels in (1, 3) and dtype == np.uint8 and available()
+        return max(shape[:2]) <= JPEG_MAX_SIDE and channels in (1, 3) and dtype == np.uint8
     return suffix == ".png" and channels in (1, 3) and dtype in (np.uint8, np.uint16)
 
 
@@ -278,7 +282,6 @@ class Encoder(_Worker):
         self.shape, self.dtype = shape, np.dtype(dtype)
         self.done_rows: dict[int, int] = {}  # y0 -> y1 of finished strips not yet contiguous
         self.ready = 0  # rows 0:ready are finished
-        self.quit = threading.Event()  # the writer gave up: stop reading rows
 
     def finish(self, y0: int, y1: int) -> None:
         with self.wake:
@@ -287,43 +290,59 @@ class Encoder(_Worker):
                 self.ready = self.done_rows.pop(self.ready)
             self.wake.notify_all()
 
-    def _rows(self, fd: int, offset: int) -> Iterator[np.ndarray]:
-        """The image's rows in PNG's order (RGB, big-endian), as soon as they are finished,
-        a few MiB at a time."""
+    def _rows(self, fd: int, offset: int, block: int) -> Iterator[np.ndarray]:
+        """The image's rows in the project's order (``(n, width, bands)``), as soon as they
+        are finished, ``block`` rows at a time (the last block may be shorter)."""
         height, width = self.shape[:2]
         bands = self.shape[2] if len(self.shape) == 3 else 1
         row_bytes = width * bands * self.dtype.itemsize
         served = 0
         while served < height:
+            upto = min(height, served + block)
             with self.wake:
-                while self.ready <= served and not self.stopped and not self.quit.is_set():
+                while self.ready < upto and not self.stopped:
                     self.wake.wait(0.5)
-                upto = self.ready
-            if self.stopped or self.quit.is_set():
+            if self.stopped:
                 return
-            upto = min(upto, served + max(1, ENCODE_BLOCK_BYTES // row_bytes))
             raw = os.pread(fd, (upto - served) * row_bytes, offset + served * row_bytes)
-            rows = np.frombuffer(raw, self.dtype).reshape(upto - served, width, bands)
-            rows = swap_red_blue(rows) if bands == 3 else rows
-            yield rows.astype(self.dtype.newbyteorder(">")) if self.dtype.itemsize > 1 else rows
+            yield np.frombuffer(raw, self.dtype).reshape(upto - served, width, bands)
             served = upto
 
     def work(self) -> None:
+        jpeg = Path(self.target).suffix.lower() != ".png"
+        if jpeg and max(self.shape[:2]) > JPEG_MAX_SIDE:
+            raise ImageWriteError(
+                f"a JPEG's sides are at most {JPEG_MAX_SIDE} pixels; this image is "
+                f"{self.shape[1]}x{self.shape[0]}: write it as PNG or TIFF"
+            )
+        height, width = self.shape[:2]
+        bands = self.shape[2] if len(self.shape) == 3 else 1
+        row_bytes = width * bands * self.dtype.itemsize
+        block = max(1, ENCODE_BLOCK_BYTES // row_bytes)
+        if jpeg:
+            block = jpeg_block_rows(self.shape, block)
         fd_in = open_entry(self.root, self.source, os.O_RDONLY)
         fd_out = -1
         try:
-            rows = self._rows(fd_in, _npy_header(fd_in)[2])
+            rows = self._rows(fd_in, _npy_header(fd_in)[2], block)
             fd_out = open_entry(self.root, self.target, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-            if Path(self.target).suffix.lower() == ".png":
-                for piece in png_stream(rows, self.shape, self.dtype, level=1):
-                    _write_all(fd_out, piece)
+            if jpeg:
+                pieces = jpeg_stream(rows, self.shape, block)
             else:
-                png = png_stream(rows, self.shape, self.dtype, level=0)
-                _jpeg_from(png, fd_out, self.quit)
+                png_rows = (_png_order(b, self.dtype) for b in rows)
+                pieces = png_stream(png_rows, self.shape, self.dtype, level=1)
+            for piece in pieces:
+                _write_all(fd_out, piece)
         finally:
             os.close(fd_in)
             if fd_out >= 0:
                 os.close(fd_out)
+
+
+def _png_order(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Rows in PNG's order: RGB, big-endian."""
+    block = swap_red_blue(block) if block.shape[2] == 3 else block
+    return block.astype(dtype.newbyteorder(">")) if dtype.itemsize > 1 else block
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -371,47 +390,73 @@ def png_stream(
     yield from chunk(b"IEND", b"")
 
 
-def _jpeg_from(png: Iterator[bytes], fd_out: int, quit: threading.Event) -> None:
-    """Encode a streamed PNG as JPEG (quality 95, 4:2:0: OpenCV's defaults) with libvips,
-    which reads it from a pipe as it comes; a thread here writes the pipe.  If libvips gives
-    up, ``quit`` stops that thread (its writes do not block) and the rows it was waiting for."""
-    import pyvips
+JPEG_QUALITY = 95  # OpenCV's default, as cv2.imwrite uses it
+_SOF0, _DRI, _SOS, _DQT, _DHT = 0xC0, 0xDD, 0xDA, 0xDB, 0xC4
 
-    read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    failure: list[BaseException] = []
 
-    def feed() -> None:
-        try:
-            for piece in png:
-                view = memoryview(piece).cast("B")
-                while view:
-                    if quit.is_set():
-                        return
-                    try:
-                        view = view[os.write(write_end, view) :]
-                    except BlockingIOError:
-                        select.select([], [write_end], [], 0.2)
-        except BrokenPipeError:  # libvips has stopped reading
-            pass
-        except BaseException as exc:  # noqa: BLE001 - raised again below
-            failure.append(exc)
-        finally:
-            os.close(write_end)
+def jpeg_block_rows(shape: tuple, rows: int) -> int:
+    """Rows per block of :func:`jpeg_stream`: ``rows`` rounded down to whole MCU rows (16 for
+    colour, which OpenCV subsamples 4:2:0; 8 for gray), and few enough that one block's MCUs
+    fit a restart interval (at most 65535)."""
+    mcu = 16 if len(shape) == 3 and shape[2] == 3 else 8
+    per_row = -(-shape[1] // mcu)  # MCUs across
+    return mcu * max(1, min(rows // mcu, 65535 // per_row))
 
-    feeder = threading.Thread(target=feed, name="png-feed", daemon=True)
-    feeder.start()
-    try:
-        source = pyvips.Source.new_from_descriptor(read_end)
-        image = pyvips.Image.new_from_source(source, "", access="sequential", fail_on="truncated")
-        image.jpegsave_target(pyvips.Target.new_to_descriptor(fd_out), Q=95, subsample_mode="on")
-        del image, source  # libvips' own copy of the pipe's end goes with them
-    finally:
-        quit.set()
-        os.close(read_end)
-        feeder.join(timeout=30)
-    if failure:
-        raise failure[0]
+
+def _segments(data: bytes) -> tuple[dict[int, list[bytes]], int]:
+    """A JPEG's marker segments up to its scan, by marker, and where the scan's data start."""
+    found: dict[int, list[bytes]] = {}
+    at = 2  # after SOI
+    while True:
+        if data[at] != 0xFF:
+            raise ImageWriteError("the JPEG encoder wrote a header this code does not parse")
+        marker, length = data[at + 1], int.from_bytes(data[at + 2 : at + 4], "big")
+        found.setdefault(marker, []).append(data[at : at + 2 + length])
+        at += 2 + length
+        if marker == _SOS:
+            return found, at
+
+
+def _encode_block(block: np.ndarray, interval: int) -> bytes:
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY, cv2.IMWRITE_JPEG_RST_INTERVAL, interval]
+    ok, data = cv2.imencode(".jpg", block, params)
+    if not ok:
+        raise ImageWriteError(f"OpenCV could not encode a {block.shape} block as JPEG")
+    return data.tobytes()
+
+
+def jpeg_stream(blocks: Iterable[np.ndarray], shape: tuple, rows: int) -> Iterator[bytes]:
+    """A baseline JPEG of ``shape`` (8-bit gray or BGR) from blocks of ``rows`` rows (the last
+    may be shorter; ``rows`` from :func:`jpeg_block_rows`), piece by piece, in constant memory.
+
+    Each block is encoded on its own by OpenCV (libjpeg-turbo, quality 95, 4:2:0), and the
+    blocks' entropy-coded data are joined with restart markers, one restart interval a block.
+    A block is whole MCU rows, so its DCT blocks, their coefficients and (after a restart) its
+    DC prediction are exactly the whole image's: the file is byte for byte what
+    ``cv2.imencode`` writes for the whole image with ``IMWRITE_JPEG_RST_INTERVAL`` set to a
+    block's MCUs (``tests/test_streamio.py`` checks it), and it decodes to the same pixels as
+    OpenCV's plain encoding of the whole image.  Restart markers are baseline JPEG, which
+    every decoder reads.
+    """
+    mcu = 16 if len(shape) == 3 and shape[2] == 3 else 8
+    interval = (rows // mcu) * -(-shape[1] // mcu)
+    tables = b""
+    for index, block in enumerate(blocks):
+        data = _encode_block(block, interval if index == 0 else 0)
+        found, scan = _segments(data)
+        mine = b"".join(found.get(_DQT, []) + found.get(_DHT, []))
+        if index == 0:
+            header = bytearray(data[:scan])
+            sof = header.index(bytes([0xFF, _SOF0]))
+            header[sof + 5 : sof + 7] = shape[0].to_bytes(2, "big")  # the whole image's height
+            tables = mine
+            yield bytes(header)
+        elif mine != tables:  # every block must be coded with the same tables
+            raise ImageWriteError("the JPEG encoder changed its tables between blocks")
+        else:
+            yield bytes([0xFF, 0xD0 + (index - 1) % 8])  # RSTn before every block but the first
+        yield data[scan:-2]  # the block's entropy-coded data, without its EOI
+    yield b"\xff\xd9"
 
 
 def remove(root: str | None, *paths: str | None) -> None:
