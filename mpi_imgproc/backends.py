@@ -74,6 +74,9 @@ class MPIBackend(Backend):
         self.pinging: dict[int, float] = {}  # rank -> deadline for its pong
         self.heard = dict.fromkeys(self.load, time.monotonic())  # rank -> last word from it
         self.abandoned: list = []  # requests to dead ranks: never complete, never waited for
+        # Tasks in flight whose pixels go out or come back (all but region tasks, whose
+        # workers read and write files or shared memory themselves).
+        self.pixel_tasks: set[int] = set()
 
     def free_slots(self) -> int:
         return sum(self.per_worker - n for n in self.load.values())
@@ -92,6 +95,11 @@ class MPIBackend(Backend):
         self.sending.append((rank, requests, (header, payload)))
         self.load[rank] += 1
         self.assigned[task.id] = rank
+        if payload is not None or task.header.get("kind") != "region":
+            self.pixel_tasks.add(task.id)
+
+    def moving_pixels(self) -> bool:
+        return bool(self.pixel_tasks)
 
     def poll(self) -> list[Completion]:
         self.sending = [s for s in self.sending if not self._sent(s)]
@@ -127,6 +135,7 @@ class MPIBackend(Backend):
                     result = into
             self.load[rank] -= 1
             self.assigned.pop(header["task"], None)
+            self.pixel_tasks.discard(header["task"])
             done.append(completion(header, result, rank))
             done[-1].received_s = time.perf_counter() - started
         return done
@@ -177,6 +186,7 @@ class MPIBackend(Backend):
         tasks = [t for t, r in self.assigned.items() if r == rank]
         for task_id in tasks:
             del self.assigned[task_id]
+            self.pixel_tasks.discard(task_id)
         self.abandoned += [s for s in self.sending if s[0] == rank]
         self.sending = [s for s in self.sending if s[0] != rank]
         print(

@@ -129,6 +129,7 @@ class Backoff:
     probes, then sleeps: from ``floor`` doubling up to ``warm_ceiling`` for ``warm_period``
     seconds after the last activity (so the next task of a busy stream is picked up within a
     fraction of a millisecond), then up to ``ceiling`` (so an idle rank stays near 0 % CPU).
+    A *calm* sleep (nothing waits on this rank's polling) grows up to ``calm_ceiling``.
     """
 
     def __init__(
@@ -137,9 +138,11 @@ class Backoff:
         ceiling: float = 0.01,
         warm_ceiling: float = 2e-4,
         warm_period: float = 1.0,
+        calm_ceiling: float | None = None,
     ):
         self.floor, self.ceiling = floor, ceiling
         self.warm_ceiling, self.warm_period = min(warm_ceiling, ceiling), warm_period
+        self.calm_ceiling = ceiling if calm_ceiling is None else calm_ceiling
         self.delay = floor
         self.last_activity = time.monotonic()
 
@@ -148,9 +151,14 @@ class Backoff:
         self.delay = self.floor
         self.last_activity = time.monotonic()
 
-    def sleep(self) -> None:
-        """Nothing happened: sleep a little longer than last time."""
+    def sleep(self, calm: bool = False) -> None:
+        """Nothing happened: sleep a little longer than last time.  ``calm``: nothing needs
+        fast polling even while work is recent (no transfer waits on this rank's calls into
+        MPI), so sleeps grow up to ``calm_ceiling``."""
         time.sleep(self.delay)
+        if calm:
+            self.delay = min(self.calm_ceiling, self.delay * 2)
+            return
         warm = time.monotonic() - self.last_activity < self.warm_period
         self.delay = min(self.warm_ceiling if warm else self.ceiling, self.delay * 2)
 

