@@ -40,6 +40,8 @@ def swap_red_blue(block: np.ndarray) -> np.ndarray:
     if block.ndim == 3 and block.shape[2] in _SWAPS:
         if block.size == 0:
             return block.copy()
+        if not block.dtype.isnative:  # OpenCV would read a big-endian TIFF's bytes as they are
+            block = block.astype(block.dtype.newbyteorder("="))
         return cv2.cvtColor(block, _SWAPS[block.shape[2]])
     return block
 
@@ -57,10 +59,10 @@ class RegionReader:
 class NpyReader(RegionReader):
     def __init__(self, path: str):
         self.array = np.load(path, mmap_mode="r", allow_pickle=False)
-        self.shape, self.dtype = self.array.shape, self.array.dtype
+        self.shape, self.dtype = self.array.shape, self.array.dtype.newbyteorder("=")
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return np.array(self.array[y0:y1, x0:x1])
+        return np.array(self.array[y0:y1, x0:x1], self.dtype)  # a big-endian file: native
 
 
 class TiffReader(RegionReader):
@@ -72,15 +74,15 @@ class TiffReader(RegionReader):
         if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:
             raise ImageReadError("planar-separate TIFF has no region access here")
         self.page = page
-        self.shape, self.dtype = page.shape, np.dtype(page.dtype)
+        self.shape, self.dtype = page.shape, np.dtype(page.dtype).newbyteorder("=")
         self.memmap = page.asarray(out="memmap") if page.is_memmappable else None
         self.chunk = page.chunks[:2]  # rows, columns of one strip or tile
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if self.memmap is not None:  # one copy out of the page cache, swapping as it goes
             block = self.memmap[y0:y1, x0:x1]
-            swapped = swap_red_blue(block)
-            return np.array(block) if swapped is block else swapped
+            swapped = swap_red_blue(block)  # in native byte order, as self.dtype
+            return np.array(block, self.dtype) if swapped is block else swapped
         out = np.empty((y1 - y0, x1 - x0, *self.shape[2:]), self.dtype)
         rows, cols = self.chunk
         across = math.ceil(self.shape[1] / cols)

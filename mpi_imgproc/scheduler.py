@@ -889,7 +889,9 @@ def _io_kind(path: str) -> str | None:
     suffix = Path(path).suffix.lower()
     if suffix in REGION_SUFFIXES:
         return "region"
-    return "stream" if suffix in streamio.STREAM_SUFFIXES and streamio.available() else None
+    # (streamio.streamable says whether an input can be decoded so: that takes libvips;
+    # encoding does not)
+    return "stream" if suffix in streamio.STREAM_SUFFIXES else None
 
 
 def _strips(stage: Stage, shape: tuple[int, ...], rows: int) -> list[tuple[Tile, tuple]]:

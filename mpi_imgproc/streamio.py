@@ -403,18 +403,26 @@ def jpeg_block_rows(shape: tuple, rows: int) -> int:
     return mcu * max(1, min(rows // mcu, 65535 // per_row))
 
 
-def _segments(data: bytes) -> tuple[dict[int, list[bytes]], int]:
-    """A JPEG's marker segments up to its scan, by marker, and where the scan's data start."""
-    found: dict[int, list[bytes]] = {}
+def _segments(data: bytes) -> tuple[dict[int, list[int]], int]:
+    """Where a JPEG's marker segments up to its scan start, by marker, and where the scan's
+    data start."""
+    found: dict[int, list[int]] = {}
     at = 2  # after SOI
     while True:
-        if data[at] != 0xFF:
+        if at + 4 > len(data) or data[at] != 0xFF:
             raise ImageWriteError("the JPEG encoder wrote a header this code does not parse")
         marker, length = data[at + 1], int.from_bytes(data[at + 2 : at + 4], "big")
-        found.setdefault(marker, []).append(data[at : at + 2 + length])
+        found.setdefault(marker, []).append(at)
         at += 2 + length
         if marker == _SOS:
             return found, at
+
+
+def _tables(data: bytes, found: dict[int, list[int]]) -> bytes:
+    """The quantization and Huffman tables' segments, as they are written."""
+    starts = sorted(found.get(_DQT, []) + found.get(_DHT, []))
+    return b"".join(data[at : at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")]
+                    for at in starts)  # fmt: skip
 
 
 def _encode_block(block: np.ndarray, interval: int) -> bytes:
@@ -441,13 +449,17 @@ def jpeg_stream(blocks: Iterable[np.ndarray], shape: tuple, rows: int) -> Iterat
     mcu = 16 if len(shape) == 3 and shape[2] == 3 else 8
     interval = (rows // mcu) * -(-shape[1] // mcu)
     tables = b""
+    written = 0
     for index, block in enumerate(blocks):
         data = _encode_block(block, interval if index == 0 else 0)
         found, scan = _segments(data)
-        mine = b"".join(found.get(_DQT, []) + found.get(_DHT, []))
+        mine = _tables(data, found)
+        written += block.shape[0]
         if index == 0:
+            if _SOF0 not in found:
+                raise ImageWriteError("the JPEG encoder wrote no baseline frame header")
             header = bytearray(data[:scan])
-            sof = header.index(bytes([0xFF, _SOF0]))
+            sof = found[_SOF0][0]
             header[sof + 5 : sof + 7] = shape[0].to_bytes(2, "big")  # the whole image's height
             tables = mine
             yield bytes(header)
@@ -456,6 +468,8 @@ def jpeg_stream(blocks: Iterable[np.ndarray], shape: tuple, rows: int) -> Iterat
         else:
             yield bytes([0xFF, 0xD0 + (index - 1) % 8])  # RSTn before every block but the first
         yield data[scan:-2]  # the block's entropy-coded data, without its EOI
+    if written < shape[0]:  # stopped early: never a short image with the full height declared
+        raise OSError(f"the encoder stopped at row {written} of {shape[0]}")
     yield b"\xff\xd9"
 
 

@@ -363,15 +363,23 @@ def test_jpeg_and_png_are_decoded_and_encoded_strip_by_strip_exactly(streaming, 
     assert not _leftovers(root / out) and not _leftovers(root)
 
 
-def test_a_streamed_jpeg_output_is_opencvs_quality(streaming):
+def test_a_streamed_jpeg_output_is_opencvs_encoding_of_the_whole_result(streaming):
+    """Byte for byte cv2.imencode of the whole-image result, with the encoder's restart
+    interval (tests/test_streamio.py checks the encoder itself on many shapes)."""
+    from mpi_imgproc import streamio
+
     root, sock = streaming
     _, messages = run(sock, paths=["scan.png"], output="out-jpeg", result="jpg", pipeline=BLUR)
     (result,) = by_type(messages, "result")
     assert result["path"] == "regions"
     expected = Pipeline.parse(BLUR).apply(cv2.imread(str(root / "scan.png")))
-    written = cv2.imread(str(root / "out-jpeg" / "scan.jpg")).astype(int)
-    opencv = cv2.imdecode(cv2.imencode(".jpg", expected)[1], cv2.IMREAD_COLOR).astype(int)
-    assert np.abs(written - expected).mean() <= np.abs(opencv - expected).mean() * 1.05 + 0.05
+    rows = streamio.jpeg_block_rows(
+        expected.shape, streamio.ENCODE_BLOCK_BYTES // expected[0].nbytes
+    )
+    interval = rows // 16 * -(-expected.shape[1] // 16)
+    params = [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_RST_INTERVAL, interval]
+    written = (root / "out-jpeg" / "scan.jpg").read_bytes()
+    assert written == cv2.imencode(".jpg", expected, params)[1].tobytes()
     assert not _leftovers(root / "out-jpeg")
 
 
@@ -422,3 +430,28 @@ def test_region_files_swap_red_and_blue_only(channels, dtype):
         assert got.dtype == view.dtype and np.array_equal(got, expected)
         if channels > 1:
             assert got.flags.c_contiguous and not np.shares_memory(got, view)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+@pytest.mark.parametrize("suffix", [".tif", ".npy"])
+def test_big_endian_region_files_are_read_in_native_order(tmp_path, channels, suffix):
+    """A big-endian ("MM") 16-bit TIFF is memory-mapped in its file's byte order, and so is a
+    big-endian .npy: a region read gives the pixels, in native order, as OpenCV reads them."""
+    import tifffile
+
+    from mpi_imgproc.regionio import open_region
+
+    rng = np.random.default_rng(channels)
+    shape = (40, 50) if channels == 1 else (40, 50, channels)
+    pixels = rng.integers(0, 65536, shape, dtype=np.uint16)  # in the file's order (RGB(A))
+    path = tmp_path / f"be{suffix}"
+    if suffix == ".tif":
+        extra = {"extrasamples": ["unassalpha"]} if channels == 4 else {}
+        photometric = "minisblack" if channels == 1 else "rgb"
+        tifffile.imwrite(path, pixels, byteorder=">", photometric=photometric, **extra)
+    else:
+        np.save(path, pixels.astype(">u2"))
+    expected = pixels if channels == 1 or suffix == ".npy" else pixels[..., [2, 1, 0, 3][:channels]]
+    got = open_region(str(path)).read(3, 37, 5, 45)
+    assert got.dtype == np.dtype(np.uint16) and got.dtype.isnative
+    assert np.array_equal(got, expected[3:37, 5:45])

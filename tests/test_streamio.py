@@ -1,8 +1,9 @@
-"""Streamed decode and encode (libvips through pyvips) give OpenCV's pixels, strip by strip.
+"""Streamed decode (libvips through pyvips) gives OpenCV's pixels, strip by strip, and the
+streamed encode gives OpenCV's files.
 
 The files streamed are exactly those whose pixels the two libraries read alike; the others are
 refused here (and take the usual path).  The encoder's PNG is lossless, so it is checked bit
-for bit; its JPEG is checked against OpenCV's own encoding at the same settings.
+for bit; its JPEG byte for byte against ``cv2.imencode`` of the whole image.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from mpi_imgproc import streamio
 from mpi_imgproc.errors import ImageWriteError
 from mpi_imgproc.regionio import create_output
 
-pytestmark = pytest.mark.skipif(not streamio.available(), reason="pyvips (libvips) not installed")
+needs_vips = pytest.mark.skipif(not streamio.available(), reason="pyvips (libvips) not installed")
 
 
 def _photo(rng, height=301, width=217, channels=3, dtype=np.uint8):
@@ -61,6 +62,7 @@ def _decode(root, name):
     return np.load(target)
 
 
+@needs_vips
 @pytest.mark.parametrize("name", sorted(FILES))
 def test_streamed_decode_gives_opencvs_pixels(tmp_path, name):
     image = _photo(np.random.default_rng(len(name)))
@@ -71,6 +73,7 @@ def test_streamed_decode_gives_opencvs_pixels(tmp_path, name):
     assert np.array_equal(got, expected)
 
 
+@needs_vips
 @pytest.mark.parametrize(
     "name, data",
     [
@@ -152,6 +155,7 @@ def test_streamed_jpeg_is_opencvs_whole_image_encoding_byte_for_byte(tmp_path, s
     assert np.array_equal(cv2.imdecode(np.frombuffer(written, np.uint8), -1), plain)
 
 
+@needs_vips
 def test_a_truncated_jpeg_is_an_error_not_a_short_image(tmp_path):
     data = FILES["baseline.jpg"](_photo(np.random.default_rng(5)))
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
@@ -161,6 +165,14 @@ def test_a_truncated_jpeg_is_an_error_not_a_short_image(tmp_path):
     decoder.run()
     assert decoder.error is not None and decoder.rows < shape[0]
     assert decoder.error[0] == "image_read_error", decoder.error
+
+
+def test_a_jpeg_stream_that_ends_early_is_an_error_not_a_short_image():
+    """The frame header declares the whole height; fewer rows must not end in a valid EOI."""
+    pixels = _photo(np.random.default_rng(6), 64, 64)
+    pieces = streamio.jpeg_stream(iter([pixels[:16]]), pixels.shape, 16)
+    with pytest.raises(OSError, match="stopped at row 16 of 64"):
+        b"".join(pieces)
 
 
 def test_scratch_space_is_checked_before_anything_is_written(tmp_path):
