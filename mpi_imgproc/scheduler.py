@@ -531,10 +531,15 @@ class Scheduler:
         files: dict[str, Any],
     ) -> None:
         """Queue an image's region tasks: full-width strips of the output ``shape``, each
-        reading what ``files`` names (``source``, ``target`` and how to open them)."""
+        reading what ``files`` names (``source``, ``target`` and how to open them).  A strip
+        is ``tile`` rows when the job names a size, else about :data:`REGION_TASK_BYTES`."""
         height, width = shape[:2]  # of the output: strips are cut there
         row_bytes = width * math.prod(shape[2:]) * dtype.itemsize
-        rows = max(16, stage.halo, REGION_TASK_BYTES // max(1, row_bytes))
+        asked = image.job.tile
+        if isinstance(asked, int) and asked > 0:
+            rows = asked
+        else:
+            rows = max(16, stage.halo, REGION_TASK_BYTES // max(1, row_bytes))
         rows = max(rows, math.ceil(height / MAX_TILES_PER_IMAGE))
         image.plan = Plan("regions", rows, True, f"{how}: strips of {rows} rows")
         stage_json = json.dumps(stage.to_json(), separators=(",", ":"))

@@ -189,14 +189,19 @@ CHAIN = [
 ]  # fmt: skip - one chain: every strip from its own input window
 
 
+@pytest.mark.parametrize("tile", ["auto", 61])  # one strip, or twelve (strips of `tile` rows)
 @pytest.mark.parametrize("ops", [BLUR, ["median_blur:ksize=5", "sharpen", "grayscale"], CHAIN])
-def test_region_formats_are_read_and_written_by_regions_exactly(root, dealer, region_inputs, ops):
+def test_region_formats_are_read_and_written_by_regions_exactly(
+    root, dealer, region_inputs, ops, tile
+):
     image, paths = region_inputs
-    out = f"out-regions-{ops[0].split(':')[0]}-{len(ops)}"
-    _, messages = run(dealer, paths=paths, output=out, result="same", pipeline=ops)
+    out = f"out-regions-{ops[0].split(':')[0]}-{len(ops)}-{tile}"
+    _, messages = run(dealer, paths=paths, output=out, result="same", pipeline=ops, tile=tile)
     results = by_type(messages, "result")
     assert not by_type(messages, "image_error") and len(results) == 4
     assert {r["path"] for r in results} == {"regions"}
+    strips = -(-Pipeline.parse(ops).output_shape(image.shape)[0] // 61) if tile == 61 else 1
+    assert {r["tiles"] for r in results} == {strips}
     expected = Pipeline.parse(ops).apply(image)
     for name in ("strips.tif", "tiles.tif", "plain.tif"):
         written = cv2.imread(str(root / out / name), cv2.IMREAD_UNCHANGED)
@@ -349,13 +354,15 @@ def _leftovers(folder) -> list[str]:
     return [f for f in os.listdir(folder) if ".part" in f]
 
 
+@pytest.mark.parametrize("tile", ["auto", 40])  # one strip, or several
 @pytest.mark.parametrize("source", ["photo.jpg", "scan.png", "gray.png"])
-def test_jpeg_and_png_are_decoded_and_encoded_strip_by_strip_exactly(streaming, source):
+def test_jpeg_and_png_are_decoded_and_encoded_strip_by_strip_exactly(streaming, source, tile):
     root, sock = streaming
-    out = f"out-{source.replace('.', '-')}"
-    _, messages = run(sock, paths=[source], output=out, result="png", pipeline=STREAMED)
+    out = f"out-{source.replace('.', '-')}-{tile}"
+    _, messages = run(sock, paths=[source], output=out, result="png", pipeline=STREAMED, tile=tile)
     (result,) = by_type(messages, "result")
     assert result["path"] == "regions" and not by_type(messages, "image_error")
+    assert (result["tiles"] > 1) == (tile == 40)
     decoded = cv2.imread(str(root / source), cv2.IMREAD_UNCHANGED)
     expected = Pipeline.parse(STREAMED).apply(decoded)
     written = cv2.imread(str(root / out / result["written"].split("/")[-1]), cv2.IMREAD_UNCHANGED)
@@ -369,9 +376,11 @@ def test_a_streamed_jpeg_output_is_opencvs_encoding_of_the_whole_result(streamin
     from mpi_imgproc import streamio
 
     root, sock = streaming
-    _, messages = run(sock, paths=["scan.png"], output="out-jpeg", result="jpg", pipeline=BLUR)
+    _, messages = run(
+        sock, paths=["scan.png"], output="out-jpeg", result="jpg", pipeline=BLUR, tile=48
+    )
     (result,) = by_type(messages, "result")
-    assert result["path"] == "regions"
+    assert result["path"] == "regions" and result["tiles"] == 7  # the workers' strips
     expected = Pipeline.parse(BLUR).apply(cv2.imread(str(root / "scan.png")))
     rows = streamio.jpeg_block_rows(
         expected.shape, streamio.ENCODE_BLOCK_BYTES // expected[0].nbytes
@@ -399,7 +408,7 @@ def test_a_cancelled_stream_leaves_no_scratch_file(streaming):
     root, sock = streaming
     big = random_image(np.random.default_rng(3), 1500, 1400, 3)
     cv2.imwrite(str(root / "big.png"), big)
-    header = {"v": 2, "type": "submit", "result": "png", "paths": ["big.png"],
+    header = {"v": 2, "type": "submit", "result": "png", "paths": ["big.png"], "tile": 300,
               "output": "out-cancel", "pipeline": ["bilateral:d=9"] * 4}  # fmt: skip
     sock.send_multipart([json.dumps(header).encode()])
     assert sock.poll(20000)
