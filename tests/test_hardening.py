@@ -244,10 +244,11 @@ def test_nothing_listening_is_named_as_such():
 
 
 def test_a_dead_cluster_ends_a_waiting_result_with_server_gone():
+    """Killed while it computes a job that has seconds to go (see the dead-worker test)."""
     image = random_image(np.random.default_rng(6), 1500, 1500, 3)
     with running_cluster(3) as dying, Client(dying.address) as client:
-        job = client.submit([image] * 4, ["bilateral:d=15"], tile=0)
-        time.sleep(1.0)
+        job = client.submit([image] * 12, ["bilateral:d=15"], tile=0)
+        _wait_until_a_worker_computes(dying)
         for proc in dying.ranks():
             proc.kill()  # every rank: the cluster is gone
         started = time.monotonic()
@@ -300,8 +301,8 @@ def test_secret_keys_are_written_0600(tmp_path):
 def test_sigterm_during_a_job_exits_0_and_the_client_hears_why():
     image = random_image(np.random.default_rng(7), 1500, 1500, 3)
     with running_cluster(3) as stopping, Client(stopping.address) as client:
-        job = client.submit([image] * 4, ["bilateral:d=15"], tile=0)
-        time.sleep(0.5)
+        job = client.submit([image] * 12, ["bilateral:d=15"], tile=0)
+        _wait_until_a_worker_computes(stopping)  # not a fixed wait a fast job could outlive
         assert stopping.terminate(signal.SIGTERM, timeout=15) == 0
         result = job.result(timeout=10)
     assert result.state == "failed" and "shutting down" in result.message
