@@ -280,6 +280,8 @@ class Encoder(_Worker):
         super().__init__("encode")
         self.root, self.source, self.target = root, source, target
         self.shape, self.dtype = shape, np.dtype(dtype)
+        self.bands = shape[2] if len(shape) == 3 else 1
+        self.row_bytes = shape[1] * self.bands * self.dtype.itemsize
         self.done_rows: dict[int, int] = {}  # y0 -> y1 of finished strips not yet contiguous
         self.ready = 0  # rows 0:ready are finished
 
@@ -294,8 +296,7 @@ class Encoder(_Worker):
         """The image's rows in the project's order (``(n, width, bands)``), as soon as they
         are finished, ``block`` rows at a time (the last block may be shorter)."""
         height, width = self.shape[:2]
-        bands = self.shape[2] if len(self.shape) == 3 else 1
-        row_bytes = width * bands * self.dtype.itemsize
+        row_bytes = self.row_bytes
         served = 0
         while served < height:
             upto = min(height, served + block)
@@ -305,7 +306,7 @@ class Encoder(_Worker):
             if self.stopped:
                 return
             raw = os.pread(fd, (upto - served) * row_bytes, offset + served * row_bytes)
-            yield np.frombuffer(raw, self.dtype).reshape(upto - served, width, bands)
+            yield np.frombuffer(raw, self.dtype).reshape(upto - served, width, self.bands)
             served = upto
 
     def work(self) -> None:
@@ -315,10 +316,7 @@ class Encoder(_Worker):
                 f"a JPEG's sides are at most {JPEG_MAX_SIDE} pixels; this image is "
                 f"{self.shape[1]}x{self.shape[0]}: write it as PNG or TIFF"
             )
-        height, width = self.shape[:2]
-        bands = self.shape[2] if len(self.shape) == 3 else 1
-        row_bytes = width * bands * self.dtype.itemsize
-        block = max(1, ENCODE_BLOCK_BYTES // row_bytes)
+        block = max(1, ENCODE_BLOCK_BYTES // self.row_bytes)
         if jpeg:
             block = jpeg_block_rows(self.shape, block)
         fd_in = open_entry(self.root, self.source, os.O_RDONLY)
@@ -391,19 +389,24 @@ def png_stream(
 
 
 JPEG_QUALITY = 95  # OpenCV's default, as cv2.imwrite uses it
-_SOF0, _DRI, _SOS, _DQT, _DHT = 0xC0, 0xDD, 0xDA, 0xDB, 0xC4
+_SOF0, _SOS, _DQT, _DHT = 0xC0, 0xDA, 0xDB, 0xC4
+
+
+def _mcu(shape: tuple) -> int:
+    """The side of a JPEG's MCU as OpenCV encodes it: 16 for colour (4:2:0), 8 for gray."""
+    return 16 if len(shape) == 3 and shape[2] == 3 else 8
 
 
 def jpeg_block_rows(shape: tuple, rows: int) -> int:
     """Rows per block of :func:`jpeg_stream`: ``rows`` rounded down to whole MCU rows (16 for
     colour, which OpenCV subsamples 4:2:0; 8 for gray), and few enough that one block's MCUs
     fit a restart interval (at most 65535)."""
-    mcu = 16 if len(shape) == 3 and shape[2] == 3 else 8
+    mcu = _mcu(shape)
     per_row = -(-shape[1] // mcu)  # MCUs across
     return mcu * max(1, min(rows // mcu, 65535 // per_row))
 
 
-def _segments(data: bytes) -> tuple[dict[int, list[int]], int]:
+def _segments(data: memoryview) -> tuple[dict[int, list[int]], int]:
     """Where a JPEG's marker segments up to its scan start, by marker, and where the scan's
     data start."""
     found: dict[int, list[int]] = {}
@@ -411,29 +414,35 @@ def _segments(data: bytes) -> tuple[dict[int, list[int]], int]:
     while True:
         if at + 4 > len(data) or data[at] != 0xFF:
             raise ImageWriteError("the JPEG encoder wrote a header this code does not parse")
-        marker, length = data[at + 1], int.from_bytes(data[at + 2 : at + 4], "big")
+        marker, length = data[at + 1], _length(data, at)
         found.setdefault(marker, []).append(at)
         at += 2 + length
         if marker == _SOS:
             return found, at
 
 
-def _tables(data: bytes, found: dict[int, list[int]]) -> bytes:
+def _length(data: memoryview, at: int) -> int:
+    """The length field of the marker segment at ``at`` (it counts itself, not the marker)."""
+    return int.from_bytes(data[at + 2 : at + 4], "big")
+
+
+def _tables(data: memoryview, found: dict[int, list[int]]) -> bytes:
     """The quantization and Huffman tables' segments, as they are written."""
     starts = sorted(found.get(_DQT, []) + found.get(_DHT, []))
-    return b"".join(data[at : at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")]
-                    for at in starts)  # fmt: skip
+    return b"".join(data[at : at + 2 + _length(data, at)] for at in starts)
 
 
-def _encode_block(block: np.ndarray, interval: int) -> bytes:
+def _encode_block(block: np.ndarray, interval: int) -> memoryview:
     params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY, cv2.IMWRITE_JPEG_RST_INTERVAL, interval]
     ok, data = cv2.imencode(".jpg", block, params)
     if not ok:
         raise ImageWriteError(f"OpenCV could not encode a {block.shape} block as JPEG")
-    return data.tobytes()
+    return memoryview(data).cast("B")  # OpenCV's buffer itself: sliced, never copied
 
 
-def jpeg_stream(blocks: Iterable[np.ndarray], shape: tuple, rows: int) -> Iterator[bytes]:
+def jpeg_stream(
+    blocks: Iterable[np.ndarray], shape: tuple, rows: int
+) -> Iterator[bytes | bytearray | memoryview]:
     """A baseline JPEG of ``shape`` (8-bit gray or BGR) from blocks of ``rows`` rows (the last
     may be shorter; ``rows`` from :func:`jpeg_block_rows`), piece by piece, in constant memory.
 
@@ -446,7 +455,7 @@ def jpeg_stream(blocks: Iterable[np.ndarray], shape: tuple, rows: int) -> Iterat
     OpenCV's plain encoding of the whole image.  Restart markers are baseline JPEG, which
     every decoder reads.
     """
-    mcu = 16 if len(shape) == 3 and shape[2] == 3 else 8
+    mcu = _mcu(shape)
     interval = (rows // mcu) * -(-shape[1] // mcu)
     tables = b""
     written = 0
@@ -462,7 +471,7 @@ def jpeg_stream(blocks: Iterable[np.ndarray], shape: tuple, rows: int) -> Iterat
             sof = found[_SOF0][0]
             header[sof + 5 : sof + 7] = shape[0].to_bytes(2, "big")  # the whole image's height
             tables = mine
-            yield bytes(header)
+            yield header
         elif mine != tables:  # every block must be coded with the same tables
             raise ImageWriteError("the JPEG encoder changed its tables between blocks")
         else:
