@@ -31,19 +31,18 @@ Where that alignment is exact (checked by the property tests in ``tests/test_cha
   large ones, so it runs whole;
 * ``cubic`` and ``lanczos`` compute the source coordinate in single precision, whose rounding
   depends on the coordinate's magnitude: a window's small local coordinates round differently
-  from the whole image's large ones.  They are chained only when every coordinate is exactly
+  from the whole image's large ones.  They are aligned only when every coordinate is exactly
   representable in single precision (the period a power of two and ``2·p·size < 2**24``: scale
-  factors such as 1/2, 1/3, 2 or 4), and otherwise run as a whole-image stage.  Computing
-  their rows in NumPy with the whole image's weights was tried and is not exact: OpenCV 5.0's
-  wheels hand 8-bit, 16-bit and float ``cubic`` to IPP (``cv2.ipp.useIPP()``; turning it off
-  changes the pixels), whose weights are the cubic kernel at coordinates rounded to 2**-23 by
-  a rule that could not be pinned down, and whose order of operations differs near the edges
-  (a separable emulation matched 296 of 300 random 8-bit cases, fewer of 16-bit and float);
-  ``lanczos`` runs OpenCV's own fixed-point code, which an integer emulation matched on 59 of
-  60 8-bit cases (one row off by 1).  Neither is exact, so neither is used.
+  factors such as 1/2, 1/3, 2 or 4).  At any other ratio they go *row by row*
+  (:func:`single_row_resize`): each output row is asked of OpenCV on its own, from its source
+  rows, with a factor that puts it at the whole image's coordinate fraction, so it gets the
+  whole image's weights and runs the same code.  That costs 3.5 (cubic) to 5.4 (lanczos) times
+  the whole resize's CPU, so it is used for inputs of :data:`MIN_ROW_BY_ROW_PIXELS` and more;
+  smaller ones run as a whole-image stage.  (Emulating OpenCV's arithmetic in NumPy instead
+  was tried and is not exact: its vector loops round in their own order.)
 
-A resize whose period is too long (e.g. 1000 rows to 999) also runs whole: a strip would have
-to span the period anyway.
+A ``linear`` or ``area`` resize whose period is too long (e.g. 1000 rows to 999) runs whole: a
+strip would have to span the period anyway.
 
 A rotation by an angle that is no quarter turn (``ops.rotate``: ``cv2.warpAffine`` with the
 output-to-input matrix ``ops.rotate_matrix``) computes whole rows of its output per strip.
@@ -121,7 +120,9 @@ def resize_period(in_rows: int, out_rows: int, interpolation: str) -> tuple[int,
 def resize_cut(shape: tuple[int, ...], out: tuple[int, ...], interpolation: str) -> str | None:
     """How a resize from ``shape`` to ``out`` is cut into strips exactly: ``gather`` (nearest:
     OpenCV's own row and column maps, then indexing), ``aligned`` (windows on the ratio's
-    period), or None (it runs whole).
+    period), ``rows`` (cubic and lanczos without such a period, on inputs of at least
+    :data:`MIN_ROW_BY_ROW_PIXELS`: each output row from its own taps, see
+    :func:`single_row_resize`), or None (it runs whole).
 
     ``area`` is aligned only when neither side grows: enlarging, OpenCV's area mode takes its
     generic path, whose double-precision ``floor`` differs between a window's coordinates and
@@ -131,7 +132,76 @@ def resize_cut(shape: tuple[int, ...], out: tuple[int, ...], interpolation: str)
         return "gather"
     if interpolation == "area" and (out[0] > shape[0] or out[1] > shape[1]):
         return None
-    return "aligned" if resize_period(shape[0], out[0], interpolation) else None
+    if resize_period(shape[0], out[0], interpolation):
+        return "aligned"
+    if interpolation in _SINGLE_PRECISION_MODES and shape[0] * shape[1] >= MIN_ROW_BY_ROW_PIXELS:
+        return "rows"
+    return None
+
+
+# A row-by-row resize horizontally resizes each output row's 4 (cubic) or 8 (lanczos) source
+# rows again for every output row: about 3.5 (cubic) and 5.4 (lanczos) times the CPU of the
+# whole-image resize of an 8000x8000 BGR image to 90 %.  Worth it where the whole image would
+# not fit one process comfortably (as for rotations, 128 Mpixel), and the only way past
+# ``--max-pixels`` by reference.
+MIN_ROW_BY_ROW_PIXELS = 2**27
+
+
+@dataclass(frozen=True)
+class RowMap:
+    """Where OpenCV's cubic or lanczos resize takes each output row from, along the rows.
+
+    OpenCV computes output row ``dy``'s source coordinate ``float32((dy + 0.5) * scale - 0.5)``
+    (``scale`` the reciprocal of the ``fy`` it is given), its floor ``sy`` and the fraction
+    ``phase``, whose kernel weights combine source rows ``sy - before ... sy - before + taps - 1``
+    (clamped to the image).  Rows from ``first`` on have a coordinate of at least ``before``.
+    """
+
+    sy: np.ndarray
+    phase: np.ndarray
+    taps: int
+    first: int
+
+    @property
+    def before(self) -> int:
+        return self.taps // 2 - 1
+
+    def sources(self, y0: int, y1: int, height: int) -> np.ndarray:
+        """The clamped source rows of output rows ``[y0, y1)``, one row of taps each."""
+        taps = self.sy[y0:y1, None] + np.arange(self.taps) - self.before
+        return np.clip(taps, 0, height - 1)
+
+
+@lru_cache(maxsize=16)
+def row_map(height: int, out: int, interpolation: str) -> RowMap:
+    """OpenCV's row mapping for a cubic or lanczos resize of ``height`` rows to ``out``."""
+    scale = 1.0 / (out / height)  # as OpenCV: the reciprocal of the factor it is given
+    coords = ((np.arange(out) + 0.5) * scale - 0.5).astype(np.float32)
+    sy = np.floor(coords)
+    taps = 4 if interpolation == "cubic" else 8
+    first = int(np.searchsorted(coords, taps // 2 - 1))  # coordinates grow with the row
+    return RowMap(sy.astype(np.int64), (coords - sy).astype(np.float64), taps, first)
+
+
+def single_row_resize(rows: np.ndarray, phase: float, fx: float, interpolation: str) -> np.ndarray:
+    """One output row of OpenCV's resize from its clamped source ``rows`` (``taps`` of them),
+    exactly as the whole image's resize computes it.
+
+    A window's own resize would compute its rows from small local coordinates, whose
+    single-precision fractions differ from the whole image's (at row 40000, the whole image's
+    are multiples of 2**-8).  So each row is asked of OpenCV on its own: its source rows as a
+    ``taps``-row image, resized with the whole image's ``fx`` (so columns, computed across the
+    whole width, are the whole image's) and an ``fy`` that puts output row 0 at coordinate
+    ``before + phase``.  That coordinate is exact in single precision (``phase`` is a multiple
+    of 2**-23 for cubic, 2**-22 for lanczos, from rows at or past ``RowMap.first``), so row 0
+    gets the whole image's row weights, taps the same rows, and runs the same code.  Tried
+    against whole-image resizes on random gray, BGR and BGRA images of 8 and 16 bits and
+    float, at random sizes up and down; kept by the property tests.
+    """
+    before = 1 if interpolation == "cubic" else 3
+    fy = 1.0 / (2 * before + 1 + 2 * phase)  # (0 + 0.5) / fy - 0.5 == before + phase
+    mode = INTERPOLATIONS[interpolation]
+    return cv2.resize(rows, None, fx=fx, fy=fy, interpolation=mode)
 
 
 @lru_cache(maxsize=64)
@@ -257,15 +327,53 @@ class Link:
             return h - y1, h - y0, w - x1, w - x0
         if self.name == "rotate":
             return self._rotation_window(y0, y1)[0]
-        if self._gathered:
+        if self._cut == "gather":
             rows, cols = self._maps
             return (int(rows[y0:y1].min()), int(rows[y0:y1].max()) + 1,
                     int(cols[x0:x1].min()), int(cols[x0:x1].max()) + 1)  # fmt: skip
+        if self._cut == "rows":
+            return self._row_window(y0, y1)
         return self._resize_window(y0, y1)[0]
 
     @cached_property
-    def _gathered(self) -> bool:
-        return self.name == "resize" and self.step.params["interpolation"] == "nearest"
+    def _cut(self) -> str | None:
+        """How this resize is cut (:func:`resize_cut`); None for any other step."""
+        if self.name != "resize":
+            return None
+        cut = resize_cut(self.shape_in, self.shape_out, self.step.params["interpolation"])
+        assert cut is not None, "a resize is chained only where it can be cut"
+        return cut
+
+    @cached_property
+    def _row_map(self) -> RowMap:
+        return row_map(self.shape_in[0], self.shape_out[0], self.step.params["interpolation"])
+
+    def _row_window(self, y0: int, y1: int) -> Box:
+        """The input rows (all columns) output rows ``[y0, y1)`` of a row-by-row resize read:
+        their taps, and for rows before ``RowMap.first`` the input's top (see ``_rows``)."""
+        h, w = self.shape_in[:2]
+        taps = self._row_map.sources(y0, y1, h)
+        top = 0 if y0 < self._row_map.first else int(taps[0, 0])
+        bottom = int(taps[-1, -1]) + 1
+        if y0 < self._row_map.first:
+            bottom = max(bottom, self._top_rows())
+        return top, bottom, 0, w
+
+    def _top_rows(self) -> int:
+        """Input rows from 0 whose own resize computes output rows ``[0, first)`` as the whole
+        image does: the same coordinates (a window from row 0 with the whole image's factors
+        computes them alike), every tap inside, at least ``first`` output rows, and not as
+        many output rows as input rows when the width stays (OpenCV then copies the window)."""
+        (h, w), (out_h, out_w) = self.shape_in[:2], self.shape_out[:2]
+        first = self._row_map.first
+        if first == 0:
+            return 0
+        last_tap = int(self._row_map.sources(first - 1, first, h)[0, -1]) + 1
+        enough = math.ceil((first + 1) * h / out_h) + 1  # rows giving ``first`` output rows
+        rows = min(h, max(last_tap + 1, enough))
+        while rows < h and out_w == w and round(rows * (out_h / h)) == rows:
+            rows += 1
+        return rows
 
     @cached_property
     def _maps(self) -> tuple[np.ndarray, np.ndarray]:
@@ -340,16 +448,18 @@ class Link:
     def forward(self, pixels: np.ndarray, have: Box, want: Box) -> np.ndarray:
         """This step's output over ``want``, from ``pixels`` covering input box ``have``."""
         need = self.need(want)
-        if self.name == "resize" and not self._gathered:
+        if self._cut == "aligned":
             need, first_row = self._resize_window(want[0], want[1])
         top, left = need[0] - have[0], need[2] - have[2]
         block = pixels[top : top + need[1] - need[0], left : left + need[3] - need[2]]
-        if self._gathered:
+        if self._cut == "gather":
             self.step.op.check_image(block)
             rows, cols = self._maps
             picked = np.take(block, rows[want[0] : want[1]] - need[0], axis=0)
             picked = np.take(picked, cols[want[2] : want[3]] - need[2], axis=1)
             return picked[:, :, 0] if picked.ndim == 3 and picked.shape[2] == 1 else picked
+        if self._cut == "rows":
+            return self._rows(block, need, want)
         if self.name == "resize":
             return self._resize(block, first_row, want)
         if self.name == "rotate" and not self.step.is_view:
@@ -377,6 +487,26 @@ class Link:
         out = cv2.resize(block, None, fx=out_w / w, fy=out_h / h, interpolation=mode)
         top = want[0] - first_row
         return out[top : top + want[1] - want[0], want[2] : want[3]]
+
+    def _rows(self, block: np.ndarray, need: Box, want: Box) -> np.ndarray:
+        """Output box ``want`` of a row-by-row resize from ``block``, the input rows ``need``:
+        rows before ``RowMap.first`` from a resize of the input's top (``_top_rows``), every
+        other row on its own (:func:`single_row_resize`)."""
+        self.step.op.check_image(block)
+        cv2.ipp.setUseIPP(False)  # as Op.run: the whole image is computed without IPP
+        (h, w), out_w = self.shape_in[:2], self.shape_out[1]
+        mode, fx, rows = self.step.params["interpolation"], out_w / w, self._row_map
+        y0, y1 = want[:2]
+        parts = []
+        if y0 < rows.first:
+            top = self._resize(block[: self._top_rows()], 0, (y0, min(y1, rows.first), 0, out_w))
+            parts.append(top)
+            y0 = min(y1, rows.first)
+        taps = rows.sources(y0, y1, h) - need[0]
+        for dy, source in zip(range(y0, y1), taps):
+            parts.append(single_row_resize(block[source], rows.phase[dy], fx, mode))
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out[:, want[2] : want[3]]
 
 
 @dataclass(frozen=True)
@@ -415,7 +545,7 @@ class ChainStage(Stage):
         rows stay rows)."""
         rows = 1
         for link in self.links:
-            if link.name == "resize" and not link._gathered:
+            if link._cut == "aligned":
                 period = resize_period(link.shape_in[0], link.shape_out[0], "linear")
                 assert period is not None
                 rows = max(rows, 2 * period[0])

@@ -26,7 +26,8 @@ from mpi_imgproc.pipeline import Pipeline, stage_from_json
 from mpi_imgproc.tiling import run_pipeline
 
 MODES = ["nearest", "linear", "area", "cubic", "lanczos"]
-# out/in ratios with short periods; cubic and lanczos chain only at power-of-two periods
+# out/in ratios with short periods; cubic and lanczos are aligned at power-of-two periods and
+# computed row by row at the others
 RATIOS = [(1, 2), (1, 3), (2, 3), (3, 4), (9, 10), (11, 10), (3, 2), (2, 1), (5, 2), (4, 1)]
 VIEWS = [
     "flip:axis=horizontal",
@@ -37,6 +38,18 @@ VIEWS = [
     "rotate:angle=270",
 ]
 FILTERS = ["sharpen", "gaussian_blur:ksize=5", "sobel:ksize=3", "erode:ksize=3", "invert"]
+
+
+@pytest.fixture(autouse=True)
+def small_images_chain():
+    """Rotations and row-by-row resizes of small images are chained here: by default only
+    inputs of 128 Mpixel and more are (a cost rule, tested on its own), and the strips must be
+    exact at any size."""
+    with (
+        patch.object(chain_module, "MIN_CHAINED_ROTATION_PIXELS", 0),
+        patch.object(chain_module, "MIN_ROW_BY_ROW_PIXELS", 0),
+    ):
+        yield
 
 
 @st.composite
@@ -116,7 +129,7 @@ def test_crop_geometry_sharpen_is_one_tiled_pass(engine, case):
     _check(pixels, specs, 16, engine)
 
 
-@pytest.mark.parametrize("mode", ["nearest", "linear", "area"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("ratio", [(9, 10), (11, 10), (1, 3), (7, 4), (5, 7), (10, 7), (5, 14),
                                    (3, 13)])  # fmt: skip
 def test_resize_strips_are_exact_at_large_coordinates(mode, ratio):
@@ -156,13 +169,32 @@ def test_halos_before_a_resize_make_strips_taller_not_reads_larger():
     assert read <= 3 * 400 * 300 and len(tiles) > 1
 
 
-def test_single_precision_modes_with_long_periods_run_whole():
-    """cubic/lanczos at a ratio of 9/10 would round differently in a strip: not chained."""
+def test_single_precision_modes_without_a_short_period_go_row_by_row_on_large_images():
+    """cubic/lanczos at a ratio of 9/10 would round differently in an aligned window: large
+    inputs compute each row on its own, smaller ones run whole (cheaper)."""
     assert resize_period(1000, 900, "cubic") is None
     assert resize_period(1000, 500, "lanczos") == (1, 2)
     assert resize_period(1000, 999, "linear") is None  # period of 999 rows: too long
-    stages = Pipeline.parse(["resize:scale=0.9,interpolation=cubic"]).stages_for((1000, 8, 3))
-    assert not any(isinstance(s, ChainStage) for s in stages)
+    specs = ["resize:scale=0.9,interpolation=cubic", "sharpen"]
+    with patch.object(chain_module, "MIN_ROW_BY_ROW_PIXELS", 2**27):
+        medium = Pipeline.parse(specs).stages_for((6000, 5000, 3))
+        large = Pipeline.parse(specs).stages_for((12000, 11200))
+    assert [type(s).__name__ for s in medium] == ["WholeStage", "TiledStage"]
+    assert [type(s).__name__ for s in large] == ["ChainStage"]
+    assert resize_cut((12000, 11200), (10800, 10080), "lanczos") == "rows"
+
+
+@pytest.mark.parametrize("mode", ["cubic", "lanczos"])
+@pytest.mark.parametrize("shape", [(301, 2011, 4), (411, 3001)])
+def test_row_by_row_resizes_of_wide_images_are_exact(mode, shape):
+    """Wide rows run OpenCV's vector loops and their tails; 16-bit BGRA and 8-bit gray."""
+    dtype = np.uint16 if len(shape) == 3 else np.uint8
+    pixels = np.random.default_rng(5).integers(0, np.iinfo(dtype).max + 1, shape, dtype=dtype)
+    specs = ["crop:x=3,y=2,width=1900,height=290", f"resize:scale=0.87,interpolation={mode}",
+             "gaussian_blur:ksize=3"]  # fmt: skip
+    (stage,) = Pipeline.parse(specs).stages_for(pixels.shape)
+    assert isinstance(stage, ChainStage) and stage.links[1]._cut == "rows"
+    _check(pixels, specs, 13, "threads")
 
 
 def test_a_quarter_turn_after_a_resize_starts_a_new_chain():
@@ -192,16 +224,6 @@ def test_a_unit_channel_axis_comes_out_as_the_whole_image_shapes_it(specs):
 
 
 # ------------------------------------------------------------------ rotation by any angle
-
-
-@pytest.fixture(autouse=True)
-def small_rotations_chain():
-    """Rotations of small images are chained here: by default only inputs of 128 Mpixel and
-    more are (a cost rule, tested on its own below), and the strips must be exact at any size."""
-    kept = chain_module.MIN_CHAINED_ROTATION_PIXELS
-    chain_module.MIN_CHAINED_ROTATION_PIXELS = 0
-    yield
-    chain_module.MIN_CHAINED_ROTATION_PIXELS = kept
 
 
 def test_by_default_only_large_images_chain_a_rotation():
