@@ -29,7 +29,8 @@ from mpi_imgproc.errors import InvalidParameter
 from mpi_imgproc.pipeline import Pipeline
 
 pytestmark = pytest.mark.timeout(120)
-SLOW = ["bilateral:d=15"]  # about 0.15 s per 600x600 image on one core
+SLOW = ["bilateral:d=15"]  # about 30 ms per 600x600 image on one core, 0.15 s under load
+HEAVY = ["bilateral:d=31"]  # about 2.5 times that
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +54,13 @@ def test_a_job_survives_an_application_pausing_three_client_timeouts(pause):
         with Client(short.address) as client:
             assert client.info()["heartbeat_s"] == pytest.approx(1 / 3)
             assert client.heartbeat_s == pytest.approx(1 / 3)  # learnt, not hard-coded
-            job = client.submit([image] * 64, SLOW, tile=0)  # seconds of work
+            # seconds of work (about 80 ms an image on one core of a quiet machine)
+            job = client.submit([image] * 128, HEAVY, tile=0)
             pause(3.0)  # no client call at all for 3x the server's --client-timeout
             result = job.result(timeout=120)
     assert result.state == "done" and result.ok, result.message
     assert result.stats["total"] > 2.0  # the job really outlived the client timeout twice
-    expected = Pipeline.parse(SLOW).apply(image)
+    expected = Pipeline.parse(HEAVY).apply(image)
     assert all(np.array_equal(out, expected) for out in result.images)
 
 
@@ -100,7 +102,8 @@ def test_asyncio_waits_do_not_block_the_event_loop(cluster):
 
         async with AsyncClient(cluster.address) as client:
             task = asyncio.create_task(ticker())
-            result = await (await client.submit([image] * 4, SLOW, tile=0)).result(timeout=60)
+            job = await client.submit([image] * 8, HEAVY, tile=0)  # about 0.3 s or more
+            result = await job.result(timeout=60)
             task.cancel()
         return result, ticks
 
@@ -227,7 +230,7 @@ def _exact_or_lost(result, expected: np.ndarray) -> None:
 def test_a_result_wait_that_runs_out_says_so_and_the_job_goes_on(cluster):
     image = random_image(np.random.default_rng(6), 600, 600, 3)
     with Client(cluster.address) as client:
-        job = client.submit([image] * 8, SLOW, tile=0)  # over 0.5 s on two workers
+        job = client.submit([image] * 16, HEAVY, tile=0)  # over 0.6 s on two workers
         with pytest.raises(ServerTimeout, match=r"not done within 0.2 s.*connected"):
             job.result(timeout=0.2)
         assert job.result(timeout=60).ok
