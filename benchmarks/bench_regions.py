@@ -11,10 +11,11 @@ One 8000×8000 BGR ``gaussian_blur:ksize=9`` (``--size`` to change), in one run:
   their rows of the output; rank 0 moves only task descriptions;
 * ``opencv-memory``: ``cv2.GaussianBlur`` of the image already in memory (OpenCV's threads),
   the baseline of the raw-pixel rows;
-* ``client-shm`` / ``client-shared-array`` / ``client-tcp``: ``Client.submit`` of the array
-  to the same cluster, from the submit to the result in hand: through shared memory (the
-  array copied into a segment; or made with ``shm.shared_array``, so not copied), or through
-  the socket (``shared_memory=False``).
+* ``client-shm`` / ``client-shared-array`` / ``client-shared-out`` / ``client-tcp``:
+  ``Client.submit`` of the array to the same cluster, from the submit to the result in hand:
+  through shared memory (the array copied into a segment; or made with ``shm.shared_array``,
+  so not copied; and with a ``shared_array`` as ``out``, reused from run to run, so the
+  result needs no fresh segment either), or through the socket (``shared_memory=False``).
 
 Every output is checked equal to the one-process result.  Ratios are against the one-process
 run of the same formats.
@@ -28,6 +29,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -50,12 +52,14 @@ def by_reference(address: str, path: str, output: str) -> float:
     return time.perf_counter() - started
 
 
-def raw_client(address: str, image: np.ndarray, shared: bool, expected: np.ndarray) -> float:
+def raw_client(
+    address: str, image: np.ndarray, shared: bool, expected: np.ndarray, out: Any = None
+) -> float:
     """Seconds from the submit of raw pixels to the result in hand (checked afterwards)."""
     with Client(address, timeout=60, shared_memory=shared) as client:
         client.info()  # connected before the clock starts
         started = time.perf_counter()
-        result = client.submit([image], OPS).result(timeout=600)
+        result = client.submit([image], OPS, out=None if out is None else [out]).result(timeout=600)
         took = time.perf_counter() - started
     if not result.ok or not np.array_equal(result.images[0], expected):
         raise RuntimeError(f"job {result.state}: {result.message or result.errors or 'differs'}")
@@ -113,13 +117,15 @@ def main() -> None:
             times["opencv-memory"] = [in_memory(image) for _ in range(args.repeat)]
             shared = shm.shared_array(image.shape, image.dtype)
             shared[...] = image
-            for name, pixels, through_shm in (
-                ("client-shm", image, True),
-                ("client-shared-array", shared, True),
-                ("client-tcp", image, False),
+            out = shm.shared_array(image.shape, image.dtype)
+            for name, pixels, through_shm, into in (
+                ("client-shm", image, True, None),
+                ("client-shared-array", shared, True, None),
+                ("client-shared-out", shared, True, out),
+                ("client-tcp", image, False, None),
             ):
                 times[name] = [
-                    raw_client(cluster.address, pixels, through_shm, expected)
+                    raw_client(cluster.address, pixels, through_shm, expected, into)
                     for _ in range(args.repeat)
                 ]
         assert np.array_equal(np.load(root / "out" / "in.npy"), expected)
@@ -134,7 +140,7 @@ def main() -> None:
         )
         base = statistics.median(times[against])
         print(
-            f"  {name:13s} {median:7.3f} s  ({min(samples):.3f}-{max(samples):.3f})"
+            f"  {name:19s} {median:7.3f} s  ({min(samples):.3f}-{max(samples):.3f})"
             f"  {median / base:5.2f}x {against}"
         )
 

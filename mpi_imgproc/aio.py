@@ -126,11 +126,14 @@ class AsyncClient:
         names: Sequence[str] | None = None,
         result: str = "raw",
         progress: bool = True,
+        out: Sequence[np.ndarray | None] | None = None,
     ) -> AsyncJob:
-        """Send images with a pipeline, as :meth:`Client.submit`; returns an AsyncJob."""
+        """Send images with a pipeline, as :meth:`Client.submit` (``out`` included); returns
+        an AsyncJob."""
         limits = await self._limits()  # the server's info has come
         shared = result == "raw" and self.shared_memory and await self._shares_memory()
-        sub = await asyncio.to_thread(prepare_submit, images, pipeline, names, shared)
+        self._core.check_outs(out)
+        sub = await asyncio.to_thread(prepare_submit, images, pipeline, names, shared, out, result)
         check_limits(limits, sub.descs)
         fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile, "result": result}
         req = self._core.request("submit", submission=sub, progress=progress, **fields)

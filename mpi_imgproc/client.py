@@ -204,6 +204,7 @@ class Client:
         names: Sequence[str] | None = None,
         result: str = "raw",
         progress: bool = True,
+        out: Sequence[np.ndarray | None] | None = None,
     ) -> Job:
         """Send images (paths: file bytes; arrays: raw pixels) with a pipeline; returns a Job.
 
@@ -212,9 +213,17 @@ class Client:
         The images are uploaded as soon as the server accepts (in the background).  To a
         server on this host, arrays (and raw results) go through shared memory instead: an
         array from :func:`mpi_imgproc.shm.shared_array` is not even copied.
+
+        ``out`` (raw results only): one array or None per image, of the result's shape and
+        dtype, that receives the result (``JobResult.images[i]`` is then ``out[i]``).  A
+        ``shared_array`` there is written by the workers themselves, into pages that exist
+        already: reused for job after job, that saves the kernel allocating a fresh segment
+        each time.  It is overwritten in place, so it may not be any image's memory, nor in
+        use by an unfinished job; after a job that failed, its content is undefined.
         """
         shared = result == "raw" and self.shared_memory and self._shares_memory()
-        sub = prepare_submit(images, pipeline, names, shared)
+        self._core.check_outs(out)
+        sub = prepare_submit(images, pipeline, names, shared, out, result)
         return self._submit(sub, tile, result, progress)
 
     def _shares_memory(self) -> bool:

@@ -153,6 +153,7 @@ class Submission:
     frames: list[Any]  # None for an image in shared memory: nothing to upload
     # index -> (input, result) segments of images sent through shared memory (:mod:`shm`)
     segments: dict[int, tuple[Segment, Segment]] = field(default_factory=dict)
+    outs: dict[int, np.ndarray] = field(default_factory=dict)  # index -> the caller's ``out``
 
     @property
     def size(self) -> int:
@@ -173,12 +174,38 @@ def as_pipeline(pipeline: Pipeline | Sequence[str] | list[dict]) -> Pipeline:
     return Pipeline.from_json(list(pipeline))
 
 
+def check_out(image: Any, out: np.ndarray, steps: Pipeline, index: int) -> None:
+    """Refuse an ``out`` array that cannot take ``image``'s result: it must be a writable,
+    C-contiguous array of the result's shape and dtype, apart from the image's memory
+    (:meth:`Connection.check_outs` refuses one that an unfinished job still uses)."""
+    what = f"out[{index}]"
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{what}: out is for array images; image {index} is a path")
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"{what}: expected a NumPy array, got {type(out).__name__}")
+    shape = steps.output_shape(image.shape)  # raises what the server would for bad params
+    if out.shape != shape or out.dtype != image.dtype:
+        raise ValueError(
+            f"{what}: the result is {shape} {image.dtype}; out is {out.shape} {out.dtype}"
+        )
+    if not (out.flags.writeable and out.flags.c_contiguous):
+        raise ValueError(f"{what}: out must be writable and C-contiguous")
+    if np.may_share_memory(out, image):
+        raise ValueError(f"{what}: out shares memory with its image (strips read their halo)")
+
+
 def load_image(
-    image: str | Path | np.ndarray, name: str, pipeline: Pipeline | None = None
+    image: str | Path | np.ndarray,
+    name: str,
+    pipeline: Pipeline | None = None,
+    out: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], Any]:
     """The descriptor and upload frame of one image: a path's file bytes, an array's pixels.
     With ``pipeline`` (the server shares this host), an array goes in a shared-memory segment
-    instead, with a second one for its result: the frame is then the pair of segments.
+    instead, with a second one for its result: the frame is then the pair of segments.  The
+    result's segment is ``out``'s own when ``out`` is a
+    :func:`~mpi_imgproc.shm.shared_array` (checked by :func:`check_out`): workers then write
+    the result straight into it, into pages that exist already.
 
     Raises ImageReadError for a path that is not a readable regular file (a FIFO, a folder).
     """
@@ -195,7 +222,11 @@ def load_image(
             out_shape = pipeline.output_shape(image.shape)
     if isinstance(image, np.ndarray) and out_shape is not None:
         source = owner_of(image) or Segment.holding(image, name)
-        result = Segment(out_shape, image.dtype, f"{name}.result")
+        result = owner_of(out) if out is not None else None
+        if result is not None:
+            result.renew()
+        else:
+            result = Segment(out_shape, image.dtype, f"{name}.result")
         desc = {"name": name, "size": image.nbytes, **raw_fields(image), "encoding": "shm"}
         desc.update(segment=source.ref(), result_segment=result.ref())
         return desc, (source, result)
@@ -216,19 +247,35 @@ def prepare_submit(
     pipeline: Pipeline | Sequence[str] | list[dict],
     names: Sequence[str] | None = None,
     shared: bool = False,
+    out: Sequence[np.ndarray | None] | None = None,
+    result: str = "raw",
 ) -> Submission:
-    """Validate the pipeline and read every image, before anything is sent; with ``shared``
-    (a server on this host that takes them), arrays go through shared memory."""
+    """Validate the pipeline, the ``out`` arrays (one per image, or None; raw results only)
+    and read every image, before anything is sent; with ``shared`` (a server on this host
+    that takes them), arrays go through shared memory."""
     steps = as_pipeline(pipeline)
+    if out is not None and result != "raw":
+        raise ValueError(f"out takes raw results; this submit asks for {result!r}")
+    outs = list(out) if out is not None else [None] * len(images)
+    if len(outs) != len(images):
+        raise ValueError(f"out has {len(outs)} arrays for {len(images)} images")
+    for i, array in enumerate(outs):
+        if array is not None:
+            check_out(images[i], array, steps, i)
+    owners = [id(owner_of(a)) for a in outs if a is not None and owner_of(a) is not None]
+    if len(set(owners)) < len(owners):
+        raise ValueError("out names the same shared array twice")
     loaded = [
         load_image(
             image,
             names[i] if names else default_name(image, i),
             steps if shared and i < SHARED_PER_SUBMIT else None,
+            outs[i],
         )
         for i, image in enumerate(images)
     ]
     sub = Submission(steps.to_json(), [d for d, _ in loaded], [f for _, f in loaded])
+    sub.outs = {i: a for i, a in enumerate(outs) if a is not None}
     for index, (desc, frame) in enumerate(loaded):
         if desc.get("encoding") == "shm":
             sub.segments[index], sub.frames[index] = frame, None
@@ -295,6 +342,7 @@ class JobRecord:
         self.id, self.token, self.names = job_id, token, names
         self.uploads = list(uploads)
         self.segments: dict[int, tuple[Segment, Segment]] = {}  # shm images: (input, result)
+        self.outs: dict[int, np.ndarray] = {}  # the caller's arrays for results
         self.queue: deque[Event] = deque()
         self.results: dict[int, Event] = {}  # decoded only when asked
         self.errors: dict[int, tuple[str, str]] = {}
@@ -358,6 +406,11 @@ class JobRecord:
             errors.update((i, ("lost", LOST_MESSAGE)) for i in self.unfinished())
         results = [self.results.get(i) for i in range(len(self.names))]
         images = [event.image() if event and event.frames else None for event in results]
+        for i, out in self.outs.items():
+            if i < len(images) and images[i] is not None:
+                if not np.may_share_memory(images[i], out):  # not written there already
+                    np.copyto(out, images[i].reshape(out.shape))
+                images[i] = out
         written = {
             i: e.header["written"] for i, e in enumerate(results) if e and e.header.get("written")
         }
@@ -477,6 +530,20 @@ class Connection:
         if header["type"] == "error":
             raise ServerError(header.get("code", "error"), header.get("message", ""))
         return header, data
+
+    def check_outs(self, outs: Sequence[np.ndarray | None] | None) -> None:
+        """Refuse ``out`` arrays that an unfinished job of this connection still uses: as its
+        ``out`` (its result would land there too), or as an image or result in shared memory
+        (a worker may still read or write it)."""
+        with self.lock:
+            for record in [r for r in self.jobs.values() if r.open]:
+                held = {id(s) for pair in record.segments.values() for s in pair}
+                for i, out in enumerate(outs or ()):
+                    if out is not None and (
+                        id(owner_of(out)) in held
+                        or any(np.may_share_memory(out, a) for a in record.outs.values())
+                    ):
+                        raise ValueError(f"out[{i}]: in use by unfinished job {record.id}")
 
     def take_job(self, header: dict[str, Any]) -> JobRecord:
         """The record of a job whose ``accepted`` is ``header``."""
@@ -781,7 +848,7 @@ class Connection:
         """An accepted submit: record the job and queue its uploads straight away."""
         job_id, token = header["job"], header["token"]
         record = self.jobs[job_id] = JobRecord(job_id, token, sub.names(), sub.frames)
-        record.segments = dict(sub.segments)
+        record.segments, record.outs = dict(sub.segments), dict(sub.outs)
         for index, frame in enumerate(sub.frames):
             if frame is not None:
                 self._queue(pack("upload", [frame], job=job_id, token=token, index=index))

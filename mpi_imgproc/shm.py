@@ -128,6 +128,14 @@ class Segment:
         pwrite_all(segment.fd, np.ascontiguousarray(image), HEADER)
         return segment
 
+    def renew(self) -> None:
+        """A fresh nonce, before the segment takes another job's result: a late task of an
+        earlier job (one this process cancelled or stopped waiting for) is refused from now
+        on, since workers check the nonce each time they open it."""
+        assert self.fd is not None, "segment closed"
+        self.nonce = secrets.token_bytes(NONCE_BYTES)
+        pwrite_all(self.fd, MAGIC + self.nonce, 0)
+
     def ref(self) -> dict[str, Any]:
         """The segment as a submit names it."""
         assert self.fd is not None, "segment closed"

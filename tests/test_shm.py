@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import tempfile
 from types import SimpleNamespace
 
@@ -215,6 +216,93 @@ def test_a_shared_array_is_sent_without_a_copy_and_sockets_stay_an_option(server
         encodings = {e.header["encoding"] for e in job.events(timeout=60) if e.type == "result"}
         assert encodings == {"raw"}
         np.testing.assert_array_equal(job.result(timeout=60).images[0], pipeline.apply(image))
+
+
+def _memfds() -> int:
+    """Shared-memory segments this process holds open."""
+    fds = os.listdir("/proc/self/fd")
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:") for fd in fds
+               if os.path.exists(f"/proc/self/fd/{fd}"))  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_results_land_in_the_callers_out_arrays_job_after_job(server):
+    """A shared_array ``out`` is written by the workers themselves: no segment is made for
+    the result, job after job; a plain array is filled on arrival; either way it is the
+    result."""
+    rng = np.random.default_rng(5)
+    pipeline = Pipeline.parse(["gaussian_blur:ksize=9", "crop:x=2,y=3,width=300,height=250"])
+    images = [random_image(rng, 333, 317) for _ in range(3)]
+    source = shm.shared_array(images[0].shape, images[0].dtype)
+    out = shm.shared_array((250, 300, 3), np.uint8)
+    plain = np.zeros((250, 300, 3), np.uint8)
+    with Client(server.address, timeout=30) as client:
+        client.info()
+        held = _memfds()
+        for image in images:
+            source[...] = image
+            job = client.submit([source], pipeline, out=[out])
+            assert _memfds() == held  # neither the input nor the result needed a segment
+            (event,) = [e for e in job.events(timeout=60) if e.type == "result"]
+            assert np.shares_memory(event.frames[0], out)  # it came in out's own pages
+            outcome = job.result(timeout=60)
+            assert outcome.ok, outcome.errors
+            assert outcome.images[0] is out
+            np.testing.assert_array_equal(out, pipeline.apply(image))
+        outcome = client.submit([images[0], images[1]], pipeline, out=[None, plain]).result(60)
+        assert outcome.ok and outcome.images[1] is plain
+        np.testing.assert_array_equal(plain, pipeline.apply(images[1]))
+        np.testing.assert_array_equal(outcome.images[0], pipeline.apply(images[0]))
+    with Client(server.address, timeout=30, shared_memory=False) as client:  # the socket
+        plain[...] = 0
+        outcome = client.submit([images[2]], pipeline, out=[plain]).result(timeout=60)
+        assert outcome.images[0] is plain
+        np.testing.assert_array_equal(plain, pipeline.apply(images[2]))
+
+
+@pytest.mark.timeout(120)
+def test_an_out_array_that_cannot_take_the_result_is_refused_before_anything_is_sent(server):
+    image = random_image(np.random.default_rng(6), 330, 300)  # over SHARED_MIN_BYTES
+    pipeline = Pipeline.parse(["sharpen"])
+    shared = shm.shared_array(image.shape, image.dtype)
+    shared[...] = image
+    out = shm.shared_array(image.shape, image.dtype)
+    refused = {
+        "shape": ([image], [np.zeros((330, 299, 3), np.uint8)], "the result is (330, 300, 3)"),
+        "dtype": ([image], [np.zeros(image.shape, np.uint16)], "uint8; out is"),
+        "itself": ([shared], [shared], "shares memory with its image"),
+        "a view": ([image], [np.zeros((330, 600, 3), np.uint8)[:, ::2]], "C-contiguous"),
+        "twice": ([image, image], [out, out], "the same shared array twice"),
+        "count": ([image, image], [out], "out has 1 arrays for 2 images"),
+        "a path": (["/nonexistent.png"], [out], "out is for array images"),
+    }
+    with Client(server.address, timeout=30) as client:
+        for images, outs, message in refused.values():
+            with pytest.raises(ValueError, match=re.escape(message)):
+                client.submit(images, pipeline, out=outs)
+        with pytest.raises(ValueError, match="raw results"):
+            client.submit([image], pipeline, result="png", out=[out])
+        slow = Pipeline.parse(["median_blur:ksize=31"] * 20)  # long enough to ask twice
+        job = client.submit([shared], slow, out=[out])
+        with pytest.raises(ValueError, match="in use by unfinished job"):
+            client.submit([image], pipeline, out=[out])
+        with pytest.raises(ValueError, match="in use by unfinished job"):
+            client.submit([image], pipeline, out=[shared])  # the running job's input
+        assert job.result(timeout=60).ok
+        outcome = client.submit([image], pipeline, out=[out]).result(timeout=60)  # free again
+        np.testing.assert_array_equal(out, pipeline.apply(image))
+        assert outcome.ok
+
+
+def test_a_renewed_segment_refuses_its_old_nonce():
+    """What keeps a late task of an earlier job out of a reused ``out``."""
+    segment = shm.Segment((4, 5, 3), np.uint8)
+    old = segment.ref()
+    segment.renew()
+    with pytest.raises(shm.SegmentRefused):
+        shm.attach(ref_of(segment, nonce=old["nonce"]), (4, 5, 3), "uint8", True, "result")
+    shm.attach(ref_of(segment), (4, 5, 3), "uint8", True, "result").close()
+    segment.close()
 
 
 def _submit(sock: zmq.Socket, images: list[dict], **extra) -> tuple[dict, list[dict]]:
