@@ -12,6 +12,10 @@ contains their full halo).
 JPEG (quality 95 everywhere) — by pyvips (``pip install pyvips[binary]``), by OpenCV in one
 process with 2 threads, and by the cluster by reference (``submit --by-reference``); wall time
 and peak RSS of each, as ratios.
+
+``--task resize [--interpolation cubic|lanczos] --size 12000`` resizes a BigTIFF to 90 % by
+reference, a ratio whose coordinates a window cannot reproduce in single precision, so the
+cluster computes it row by row (inputs of 128 Mpixel and more), against OpenCV in one process.
 """
 
 from __future__ import annotations
@@ -88,19 +92,19 @@ class PeakRss:
         }
 
 
-def by_reference(address: str) -> float:
+def by_reference(address: str, ops: list[str] = OPS) -> float:
     """Seconds from the submit to its ``done``."""
     with Client(address, timeout=60) as client:
         started = time.perf_counter()
-        job = client.submit_paths(["in.tif"], OPS, "out", overwrite=True)
+        job = client.submit_paths(["in.tif"], ops, "out", overwrite=True)
         result = job.result(timeout=1800)
     if result.state != "done" or result.errors:
         raise RuntimeError(f"job {result.state}: {result.message or result.errors}")
     return time.perf_counter() - started
 
 
-def check(root: Path, size: int, check_max: int) -> str:
-    pipeline = Pipeline.parse(OPS)
+def check(root: Path, size: int, check_max: int, ops: list[str] = OPS) -> str:
+    pipeline = Pipeline.parse(ops)
     out = tifffile.memmap(root / "out" / "in.tif", mode="r")
     source = tifffile.memmap(root / "in.tif", mode="r")
     if size * size <= check_max:
@@ -223,9 +227,41 @@ def check_jpeg(source: Path, written: Path) -> str:
     return "decodes exactly to OpenCV's encoding of the whole-image result"
 
 
+OPENCV_RESIZE = """
+import cv2, sys
+cv2.setNumThreads(2)
+im = cv2.imread(sys.argv[1], cv2.IMREAD_UNCHANGED)
+h, w = im.shape[:2]
+mode = {"cubic": cv2.INTER_CUBIC, "lanczos": cv2.INTER_LANCZOS4}[sys.argv[3]]
+cv2.imwrite(sys.argv[2], cv2.resize(im, (w * 9 // 10, h * 9 // 10), interpolation=mode))
+"""
+
+
+def resize_task(size: int, ranks: int, interpolation: str) -> None:
+    """A cubic or lanczos resize to 90 % (no power-of-two period: cut row by row) of a
+    ``size``-square RGB BigTIFF by reference, against OpenCV in one process, one run."""
+    ops = [f"resize:width={size * 9 // 10},height={size * 9 // 10},interpolation={interpolation}"]
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:
+        root = Path(folder)
+        write_input(root / "in.tif", size)
+        opencv = timed_process(OPENCV_RESIZE, str(root / "in.tif"), str(root / "o.tif"),
+                               interpolation)  # fmt: skip
+        with running_cluster(ranks, "--data-root", str(root)) as cluster:
+            peaks = PeakRss(cluster, cluster.rank0_pid)
+            seconds = by_reference(cluster.address, ops)
+            rss = peaks.stop()
+        checked = check(root, size, 20000 * 20000, ops)
+    workers = ", ".join(f"{v:.0f}" for v in rss["workers"])
+    print(f"{size}x{size} RGB BigTIFF, {ops[0]}, -n {ranks}: {seconds:.1f} s; exact ({checked})")
+    print(f"peak RSS: rank 0 {rss['rank0']:.0f} MiB, workers {workers} MiB")
+    print(f"OpenCV in one process, 2 threads (imread, resize, imwrite): {opencv[0]:.1f} s, "
+          f"peak {opencv[1]:.0f} MiB; cluster {seconds / opencv[0]:.2f}x its time")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["memory", "libvips"], default="memory")
+    parser.add_argument("--task", choices=["memory", "libvips", "resize"], default="memory")
+    parser.add_argument("--interpolation", choices=["cubic", "lanczos"], default="cubic")
     parser.add_argument("--size", type=int, default=16000)
     parser.add_argument("--ranks", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3)
@@ -234,6 +270,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.task == "libvips":
         libvips_task(args.ranks, args.repeat)
+        return
+    if args.task == "resize":
+        resize_task(args.size, args.ranks, args.interpolation)
         return
     with tempfile.TemporaryDirectory(dir="/tmp") as folder:
         root = Path(folder)
