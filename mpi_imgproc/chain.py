@@ -134,7 +134,11 @@ def resize_cut(shape: tuple[int, ...], out: tuple[int, ...], interpolation: str)
         return None
     if resize_period(shape[0], out[0], interpolation):
         return "aligned"
-    if interpolation in _SINGLE_PRECISION_MODES and shape[0] * shape[1] >= MIN_ROW_BY_ROW_PIXELS:
+    if (
+        interpolation in _SINGLE_PRECISION_MODES
+        and shape[0] * shape[1] >= MIN_ROW_BY_ROW_PIXELS
+        and top_rows(*shape[:2], *out[:2], interpolation) <= MAX_TOP_ROWS
+    ):
         return "rows"
     return None
 
@@ -145,6 +149,10 @@ def resize_cut(shape: tuple[int, ...], out: tuple[int, ...], interpolation: str)
 # not fit one process comfortably (as for rotations, 128 Mpixel), and the only way past
 # ``--max-pixels`` by reference.
 MIN_ROW_BY_ROW_PIXELS = 2**27
+# The first strip resizes the input's top rows as a window (``top_rows``).  At the same width
+# and a height ratio within about 1/(2*MAX_TOP_ROWS) of 1, OpenCV would copy a short window
+# instead, and the window must grow towards half the image: such a resize runs whole.
+MAX_TOP_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,25 @@ def row_map(height: int, out: int, interpolation: str) -> RowMap:
     return RowMap(sy.astype(np.int64), (coords - sy).astype(np.float64), taps, first)
 
 
+@lru_cache(maxsize=16)
+def top_rows(height: int, width: int, out_h: int, out_w: int, interpolation: str) -> int:
+    """Input rows from 0 whose own resize computes output rows ``[0, first)`` as the whole
+    image does: the same coordinates (a window from row 0 with the whole image's factors
+    computes them alike), every tap inside, at least ``first`` output rows, and not as many
+    output rows as input rows when the width stays (OpenCV then copies the window)."""
+    rows = row_map(height, out_h, interpolation)
+    if rows.first == 0:
+        return 0
+    last_tap = int(rows.sources(rows.first - 1, rows.first, height)[0, -1]) + 1
+    enough = math.ceil((rows.first + 1) * height / out_h) + 1  # rows giving ``first`` rows
+    top = min(height, max(last_tap + 1, enough))
+    while top < height and out_w == width and round(top * (out_h / height)) == top:
+        top += 1
+        if top > MAX_TOP_ROWS:
+            return height  # no short window: resize_cut lets such a resize run whole
+    return top
+
+
 def single_row_resize(rows: np.ndarray, phase: float, fx: float, interpolation: str) -> np.ndarray:
     """One output row of OpenCV's resize from its clamped source ``rows`` (``taps`` of them),
     exactly as the whole image's resize computes it.
@@ -195,8 +222,9 @@ def single_row_resize(rows: np.ndarray, phase: float, fx: float, interpolation: 
     ``before + phase``.  That coordinate is exact in single precision (``phase`` is a multiple
     of 2**-23 for cubic, 2**-22 for lanczos, from rows at or past ``RowMap.first``), so row 0
     gets the whole image's row weights, taps the same rows, and runs the same code.  Tried
-    against whole-image resizes on random gray, BGR and BGRA images of 8 and 16 bits and
-    float, at random sizes up and down; kept by the property tests.
+    against whole-image resizes on random gray, BGR and BGRA images of 8 and 16 bits, at
+    random sizes up and down, thin ones of up to 2**24 rows among them; kept by the property
+    tests.
     """
     before = 1 if interpolation == "cubic" else 3
     fy = 1.0 / (2 * before + 1 + 2 * phase)  # (0 + 0.5) / fy - 0.5 == before + phase
@@ -360,20 +388,8 @@ class Link:
         return top, bottom, 0, w
 
     def _top_rows(self) -> int:
-        """Input rows from 0 whose own resize computes output rows ``[0, first)`` as the whole
-        image does: the same coordinates (a window from row 0 with the whole image's factors
-        computes them alike), every tap inside, at least ``first`` output rows, and not as
-        many output rows as input rows when the width stays (OpenCV then copies the window)."""
         (h, w), (out_h, out_w) = self.shape_in[:2], self.shape_out[:2]
-        first = self._row_map.first
-        if first == 0:
-            return 0
-        last_tap = int(self._row_map.sources(first - 1, first, h)[0, -1]) + 1
-        enough = math.ceil((first + 1) * h / out_h) + 1  # rows giving ``first`` output rows
-        rows = min(h, max(last_tap + 1, enough))
-        while rows < h and out_w == w and round(rows * (out_h / h)) == rows:
-            rows += 1
-        return rows
+        return top_rows(h, w, out_h, out_w, self.step.params["interpolation"])
 
     @cached_property
     def _maps(self) -> tuple[np.ndarray, np.ndarray]:

@@ -182,6 +182,9 @@ def test_single_precision_modes_without_a_short_period_go_row_by_row_on_large_im
     assert [type(s).__name__ for s in medium] == ["WholeStage", "TiledStage"]
     assert [type(s).__name__ for s in large] == ["ChainStage"]
     assert resize_cut((12000, 11200), (10800, 10080), "lanczos") == "rows"
+    # the same width and a ratio this close to 1: the top window would be half the image
+    assert resize_cut((100000, 1400), (99999, 1400), "lanczos") is None
+    assert resize_cut((100000, 1400), (99999, 1401), "lanczos") == "rows"
 
 
 @pytest.mark.parametrize("mode", ["cubic", "lanczos"])
