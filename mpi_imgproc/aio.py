@@ -32,6 +32,7 @@ from .client import (
     check_limits,
     prepare_submit,
     probe_segment,
+    released_if_refused,
     shares_memory,
 )
 from .errors import ImgprocError
@@ -132,12 +133,14 @@ class AsyncClient:
         an AsyncJob."""
         limits = await self._limits()  # the server's info has come
         shared = result == "raw" and self.shared_memory and await self._shares_memory()
-        self._core.check_outs(out)
         sub = await asyncio.to_thread(prepare_submit, images, pipeline, names, shared, out, result)
-        check_limits(limits, sub.descs)
-        fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile, "result": result}
-        req = self._core.request("submit", submission=sub, progress=progress, **fields)
-        header, _ = await self._reply(req, "submit")
+        with released_if_refused(sub):
+            check_limits(limits, sub.descs)
+            fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile}
+            req = self._core.request(
+                "submit", submission=sub, progress=progress, result=result, **fields
+            )
+            header, _ = await self._reply(req, "submit")
         return AsyncJob(self, self._core.take_job(header))
 
     async def attach(self, job_id: str, token: str, names: Sequence[str] = ()) -> AsyncJob:

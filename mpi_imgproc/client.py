@@ -49,6 +49,7 @@ from .connection import (
     load_image,
     prepare_submit,
     probe_segment,
+    released_if_refused,
     shares_memory,
 )
 from .errors import ImageReadError, ImgprocError, InvalidParameter
@@ -214,15 +215,15 @@ class Client:
         server on this host, arrays (and raw results) go through shared memory instead: an
         array from :func:`mpi_imgproc.shm.shared_array` is not even copied.
 
-        ``out`` (raw results only): one array or None per image, of the result's shape and
-        dtype, that receives the result (``JobResult.images[i]`` is then ``out[i]``).  A
-        ``shared_array`` there is written by the workers themselves, into pages that exist
-        already: reused for job after job, that saves the kernel allocating a fresh segment
-        each time.  It is overwritten in place, so it may not be any image's memory, nor in
-        use by an unfinished job; after a job that failed, its content is undefined.
+        ``out`` (raw results from a server on this host): one array or None per image, a
+        whole :func:`mpi_imgproc.shm.shared_array` of the result's shape and dtype, which the
+        workers write the result into (``JobResult.images[i]`` is then ``out[i]``): reused
+        job after job, that saves the kernel allocating a fresh segment each time.  It may
+        not be any image of the submit, another ``out``, nor an array an unfinished (or
+        lost) job of this process uses (see ``docs/api.md``); after a job that failed, its
+        content is undefined.
         """
         shared = result == "raw" and self.shared_memory and self._shares_memory()
-        self._core.check_outs(out)
         sub = prepare_submit(images, pipeline, names, shared, out, result)
         return self._submit(sub, tile, result, progress)
 
@@ -239,10 +240,13 @@ class Client:
         return self._probed
 
     def _submit(self, sub: Submission, tile: int | str, result: str, progress: bool) -> Job:
-        check_limits(self._limits(), sub.descs)
-        fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile, "result": result}
-        req = self._core.request("submit", submission=sub, progress=progress, **fields)
-        header, _ = self._reply(req, "submit")
+        with released_if_refused(sub):
+            check_limits(self._limits(), sub.descs)
+            fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile}
+            req = self._core.request(
+                "submit", submission=sub, progress=progress, result=result, **fields
+            )
+            header, _ = self._reply(req, "submit")
         return self._handle(self._core.take_job(header))
 
     def submit_paths(

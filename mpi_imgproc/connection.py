@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,48 @@ class Submission:
     # index -> (input, result) segments of images sent through shared memory (:mod:`shm`)
     segments: dict[int, tuple[Segment, Segment]] = field(default_factory=dict)
     outs: dict[int, np.ndarray] = field(default_factory=dict)  # index -> the caller's ``out``
+    # index -> the shared arrays (segments) this image holds: (its input, its out), or None
+    holds: dict[int, tuple[Segment | None, Segment | None]] = field(default_factory=dict)
+
+    def hold(self, images: Sequence[Any], writes: dict[int, Segment]) -> None:
+        """Take this submit's holds on shared arrays: one reader for each that is an image,
+        the writer for each that is an ``out``, with a fresh nonce (a late task of an earlier
+        job is then refused on open).  Raises ValueError, holding nothing, for an ``out``
+        that another image holds, or an image that another image's ``out`` is."""
+        with _HOLDS:
+            for i, segment in writes.items():
+                if segment.writer or segment.readers:
+                    raise ValueError(
+                        f"out[{i}]: this shared array is in use by an unfinished job, or by "
+                        "one this client lost (whose server may still write it)"
+                    )
+            for j, image in enumerate(images):
+                source = owner_of(image) if isinstance(image, np.ndarray) else None
+                if source is not None and source.writer:
+                    raise ValueError(
+                        f"image {j}: this shared array is another job's out, unfinished (or lost)"
+                    )
+            for j, image in enumerate(images):
+                source = owner_of(image) if isinstance(image, np.ndarray) else None
+                result = writes.get(j)
+                if source is not None:
+                    source.readers += 1
+                if result is not None:
+                    result.writer = True
+                    result.renew()
+                if source is not None or result is not None:
+                    self.holds[j] = (source, result)
+
+    def release(self, index: int | None = None) -> None:
+        """Give up the holds of image ``index`` (all: None): its result or error has come,
+        the job is over, or the server refused the submit."""
+        with _HOLDS:
+            for i in [index] if index is not None else list(self.holds):
+                source, result = self.holds.pop(i, (None, None))
+                if source is not None:
+                    source.readers = max(0, source.readers - 1)
+                if result is not None:
+                    result.writer = False
 
     @property
     def size(self) -> int:
@@ -174,24 +216,35 @@ def as_pipeline(pipeline: Pipeline | Sequence[str] | list[dict]) -> Pipeline:
     return Pipeline.from_json(list(pipeline))
 
 
-def check_out(image: Any, out: np.ndarray, steps: Pipeline, index: int) -> None:
-    """Refuse an ``out`` array that cannot take ``image``'s result: it must be a writable,
-    C-contiguous array of the result's shape and dtype, apart from the image's memory
-    (:meth:`Connection.check_outs` refuses one that an unfinished job still uses)."""
+def check_out(image: Any, out: Any, steps: Pipeline, index: int, shared: bool) -> Segment:
+    """The segment of ``out``, refused unless it can take ``image``'s result: a whole array
+    made by :func:`~mpi_imgproc.shm.shared_array` (the workers write into it), a server that
+    takes shared memory, an array image without a unit channel axis, the result's shape and
+    dtype.  (Whether it is in use, :meth:`Submission.hold` decides.)"""
     what = f"out[{index}]"
+    segment = owner_of(out) if isinstance(out, np.ndarray) else None
+    if segment is None:
+        raise ValueError(
+            f"{what}: out takes whole arrays made by mpi_imgproc.shm.shared_array (the "
+            f"workers write into them); got a {type(out).__name__} that is none"
+        )
+    if not shared:
+        raise ValueError(f"{what}: out needs a server on this host that takes shared memory")
     if not isinstance(image, np.ndarray):
         raise ValueError(f"{what}: out is for array images; image {index} is a path")
-    if not isinstance(out, np.ndarray):
-        raise ValueError(f"{what}: expected a NumPy array, got {type(out).__name__}")
+    if image.shape[2:] == (1,):
+        raise ValueError(f"{what}: image {index} has a unit channel axis; give it as (H, W)")
     shape = steps.output_shape(image.shape)  # raises what the server would for bad params
     if out.shape != shape or out.dtype != image.dtype:
         raise ValueError(
             f"{what}: the result is {shape} {image.dtype}; out is {out.shape} {out.dtype}"
         )
-    if not (out.flags.writeable and out.flags.c_contiguous):
-        raise ValueError(f"{what}: out must be writable and C-contiguous")
-    if np.may_share_memory(out, image):
-        raise ValueError(f"{what}: out shares memory with its image (strips read their halo)")
+    return segment
+
+
+# Holds on shared arrays (``Segment.readers``, ``Segment.writer``) are taken and checked under
+# this lock, so two threads cannot both take one array as ``out``.
+_HOLDS = threading.Lock()
 
 
 def load_image(
@@ -216,17 +269,14 @@ def load_image(
         isinstance(image, np.ndarray)
         and pipeline is not None
         and image.shape[2:] != (1,)
-        and image.nbytes >= SHARED_MIN_BYTES
+        and (image.nbytes >= SHARED_MIN_BYTES or out is not None)
     ):
         with contextlib.suppress(ImgprocError):  # sent as pixels: the server says why it fails
             out_shape = pipeline.output_shape(image.shape)
     if isinstance(image, np.ndarray) and out_shape is not None:
         source = owner_of(image) or Segment.holding(image, name)
         result = owner_of(out) if out is not None else None
-        if result is not None:
-            result.renew()
-        else:
-            result = Segment(out_shape, image.dtype, f"{name}.result")
+        result = result or Segment(out_shape, image.dtype, f"{name}.result")
         desc = {"name": name, "size": image.nbytes, **raw_fields(image), "encoding": "shm"}
         desc.update(segment=source.ref(), result_segment=result.ref())
         return desc, (source, result)
@@ -256,26 +306,36 @@ def prepare_submit(
     steps = as_pipeline(pipeline)
     if out is not None and result != "raw":
         raise ValueError(f"out takes raw results; this submit asks for {result!r}")
+    if isinstance(out, np.ndarray):
+        raise ValueError("out is a list: one array (or None) per image")
     outs = list(out) if out is not None else [None] * len(images)
     if len(outs) != len(images):
         raise ValueError(f"out has {len(outs)} arrays for {len(images)} images")
-    for i, array in enumerate(outs):
-        if array is not None:
-            check_out(images[i], array, steps, i)
-    owners = [id(owner_of(a)) for a in outs if a is not None and owner_of(a) is not None]
-    if len(set(owners)) < len(owners):
-        raise ValueError("out names the same shared array twice")
-    loaded = [
-        load_image(
-            image,
-            names[i] if names else default_name(image, i),
-            steps if shared and i < SHARED_PER_SUBMIT else None,
-            outs[i],
-        )
-        for i, image in enumerate(images)
-    ]
-    sub = Submission(steps.to_json(), [d for d, _ in loaded], [f for _, f in loaded])
-    sub.outs = {i: a for i, a in enumerate(outs) if a is not None}
+    writes = {i: check_out(images[i], a, steps, i, shared) for i, a in enumerate(outs)
+              if a is not None}  # fmt: skip
+    for i, segment in writes.items():
+        for j, image in enumerate(images):
+            if isinstance(image, np.ndarray) and np.may_share_memory(outs[i], image):
+                raise ValueError(f"out[{i}] is also image[{j}]: strips read what it overwrites")
+            if j != i and writes.get(j) is segment:
+                raise ValueError(f"out[{i}] is also out[{j}]")
+    sub = Submission(steps.to_json(), [], [])
+    sub.hold(images, writes)
+    try:
+        loaded = [
+            load_image(
+                image,
+                names[i] if names else default_name(image, i),
+                steps if shared and (i < SHARED_PER_SUBMIT or i in writes) else None,
+                outs[i],
+            )
+            for i, image in enumerate(images)
+        ]
+    except BaseException:
+        sub.release()
+        raise
+    sub.descs, sub.frames = [d for d, _ in loaded], [f for _, f in loaded]
+    sub.outs = {i: outs[i] for i in writes}
     for index, (desc, frame) in enumerate(loaded):
         if desc.get("encoding") == "shm":
             sub.segments[index], sub.frames[index] = frame, None
@@ -302,6 +362,18 @@ def probe_segment() -> Segment:
     """A 1×1 segment for an ``info`` ``probe``: rank 0 opens it exactly as an image's, so a
     client it cannot reach (another user's, a non-dumpable process) keeps to the socket."""
     return Segment.holding(np.zeros((1, 1), np.uint8), "probe")
+
+
+@contextlib.contextmanager
+def released_if_refused(sub: Submission) -> Iterator[None]:
+    """Around sending ``sub``: when it is refused (over a limit, so never sent, or by the
+    server's ``error``), its holds on shared arrays go; when its reply is only missing (a
+    timeout, a dropped connection), the server may have it, and they stay."""
+    try:
+        yield
+    except (RequestTooLarge, ServerError):
+        sub.release()
+        raise
 
 
 def check_limits(limits: dict[str, Any], descs: list[dict[str, Any]]) -> None:
@@ -343,6 +415,7 @@ class JobRecord:
         self.uploads = list(uploads)
         self.segments: dict[int, tuple[Segment, Segment]] = {}  # shm images: (input, result)
         self.outs: dict[int, np.ndarray] = {}  # the caller's arrays for results
+        self.holds = Submission([], [], [])  # its holds on shared arrays (``Submission.hold``)
         self.queue: deque[Event] = deque()
         self.results: dict[int, Event] = {}  # decoded only when asked
         self.errors: dict[int, tuple[str, str]] = {}
@@ -373,12 +446,15 @@ class JobRecord:
             elif pair is not None and event.header.get("encoding") == "shm":
                 event.frames = [pair[1].array]  # the result is in its segment, mapped
             self._release(pair)
+            self.holds.release(index)
         elif event.type == "image_error" and isinstance(index, int) and index >= 0:
             self.errors[index] = (event.header.get("code", ""), event.header.get("message", ""))
             self._release(self.segments.pop(index, None))
+            self.holds.release(index)
         elif event.type == "done":
             self.final, self.uploads = event, []
             self.release_segments()
+            self.holds.release()
         self.queue.append(event)
 
     @staticmethod
@@ -388,7 +464,8 @@ class JobRecord:
                 segment.close()  # the server holds its own descriptors; the mappings live on
 
     def release_segments(self) -> None:
-        """Close every segment's descriptor (the job is over, or lost)."""
+        """Close every segment's descriptor (the job is over, or lost: a lost job keeps its
+        holds on shared arrays, since its server may still be writing them)."""
         for pair in self.segments.values():
             self._release(pair)
         self.segments.clear()
@@ -406,10 +483,8 @@ class JobRecord:
             errors.update((i, ("lost", LOST_MESSAGE)) for i in self.unfinished())
         results = [self.results.get(i) for i in range(len(self.names))]
         images = [event.image() if event and event.frames else None for event in results]
-        for i, out in self.outs.items():
+        for i, out in self.outs.items():  # the result segment is ``out``'s own: ``out`` itself
             if i < len(images) and images[i] is not None:
-                if not np.may_share_memory(images[i], out):  # not written there already
-                    np.copyto(out, images[i].reshape(out.shape))
                 images[i] = out
         written = {
             i: e.header["written"] for i, e in enumerate(results) if e and e.header.get("written")
@@ -530,20 +605,6 @@ class Connection:
         if header["type"] == "error":
             raise ServerError(header.get("code", "error"), header.get("message", ""))
         return header, data
-
-    def check_outs(self, outs: Sequence[np.ndarray | None] | None) -> None:
-        """Refuse ``out`` arrays that an unfinished job of this connection still uses: as its
-        ``out`` (its result would land there too), or as an image or result in shared memory
-        (a worker may still read or write it)."""
-        with self.lock:
-            for record in [r for r in self.jobs.values() if r.open]:
-                held = {id(s) for pair in record.segments.values() for s in pair}
-                for i, out in enumerate(outs or ()):
-                    if out is not None and (
-                        id(owner_of(out)) in held
-                        or any(np.may_share_memory(out, a) for a in record.outs.values())
-                    ):
-                        raise ValueError(f"out[{i}]: in use by unfinished job {record.id}")
 
     def take_job(self, header: dict[str, Any]) -> JobRecord:
         """The record of a job whose ``accepted`` is ``header``."""
@@ -849,6 +910,7 @@ class Connection:
         job_id, token = header["job"], header["token"]
         record = self.jobs[job_id] = JobRecord(job_id, token, sub.names(), sub.frames)
         record.segments, record.outs = dict(sub.segments), dict(sub.outs)
+        record.holds = Submission([], [], [], holds=dict(sub.holds))  # the holds alone
         for index, frame in enumerate(sub.frames):
             if frame is not None:
                 self._queue(pack("upload", [frame], job=job_id, token=token, index=index))

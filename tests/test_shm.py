@@ -17,7 +17,7 @@ from cluster import running_cluster
 from conftest import random_image
 
 from mpi_imgproc import shm
-from mpi_imgproc.client import Client
+from mpi_imgproc.client import Client, ServerError
 from mpi_imgproc.connection import shares_memory
 from mpi_imgproc.pipeline import Pipeline
 from mpi_imgproc.protocol import decode_reply
@@ -228,19 +228,21 @@ def _memfds() -> int:
 @pytest.mark.timeout(120)
 def test_results_land_in_the_callers_out_arrays_job_after_job(server):
     """A shared_array ``out`` is written by the workers themselves: no segment is made for
-    the result, job after job; a plain array is filled on arrival; either way it is the
-    result."""
+    the result, job after job, and the result is ``out`` itself; small images too."""
     rng = np.random.default_rng(5)
     pipeline = Pipeline.parse(["gaussian_blur:ksize=9", "crop:x=2,y=3,width=300,height=250"])
+    blur = Pipeline.parse(["gaussian_blur:ksize=9"])
     images = [random_image(rng, 333, 317) for _ in range(3)]
     source = shm.shared_array(images[0].shape, images[0].dtype)
     out = shm.shared_array((250, 300, 3), np.uint8)
-    plain = np.zeros((250, 300, 3), np.uint8)
+    small, small_out = random_image(rng, 40, 30, 1), shm.shared_array((40, 30), np.uint8)
     with Client(server.address, timeout=30) as client:
         client.info()
         held = _memfds()
         for image in images:
             source[...] = image
+            job = client.submit([source, small], blur, out=[None, small_out])
+            job.result(timeout=60)
             job = client.submit([source], pipeline, out=[out])
             assert _memfds() == held  # neither the input nor the result needed a segment
             (event,) = [e for e in job.events(timeout=60) if e.type == "result"]
@@ -249,32 +251,28 @@ def test_results_land_in_the_callers_out_arrays_job_after_job(server):
             assert outcome.ok, outcome.errors
             assert outcome.images[0] is out
             np.testing.assert_array_equal(out, pipeline.apply(image))
-        outcome = client.submit([images[0], images[1]], pipeline, out=[None, plain]).result(60)
-        assert outcome.ok and outcome.images[1] is plain
-        np.testing.assert_array_equal(plain, pipeline.apply(images[1]))
-        np.testing.assert_array_equal(outcome.images[0], pipeline.apply(images[0]))
-    with Client(server.address, timeout=30, shared_memory=False) as client:  # the socket
-        plain[...] = 0
-        outcome = client.submit([images[2]], pipeline, out=[plain]).result(timeout=60)
-        assert outcome.images[0] is plain
-        np.testing.assert_array_equal(plain, pipeline.apply(images[2]))
+        np.testing.assert_array_equal(small_out, blur.apply(small))
 
 
 @pytest.mark.timeout(120)
 def test_an_out_array_that_cannot_take_the_result_is_refused_before_anything_is_sent(server):
-    image = random_image(np.random.default_rng(6), 330, 300)  # over SHARED_MIN_BYTES
+    image = random_image(np.random.default_rng(6), 330, 300)
     pipeline = Pipeline.parse(["sharpen"])
     shared = shm.shared_array(image.shape, image.dtype)
     shared[...] = image
-    out = shm.shared_array(image.shape, image.dtype)
+    out, other = (shm.shared_array(image.shape, image.dtype) for _ in range(2))
     refused = {
-        "shape": ([image], [np.zeros((330, 299, 3), np.uint8)], "the result is (330, 300, 3)"),
-        "dtype": ([image], [np.zeros(image.shape, np.uint16)], "uint8; out is"),
-        "itself": ([shared], [shared], "shares memory with its image"),
-        "a view": ([image], [np.zeros((330, 600, 3), np.uint8)[:, ::2]], "C-contiguous"),
-        "twice": ([image, image], [out, out], "the same shared array twice"),
+        "plain": ([image], [np.zeros(image.shape, np.uint8)], "made by mpi_imgproc.shm"),
+        "a view": ([image], [out[:]], "made by mpi_imgproc.shm"),
+        "shape": ([image[:, 1:]], [out], "the result is (330, 299, 3)"),
+        "dtype": ([image.astype(np.uint16)], [out], "uint16; out is"),
+        "itself": ([shared], [shared], "out[0] is also image[0]"),
+        "another image": ([image, shared], [shared, None], "out[0] is also image[1]"),
+        "twice": ([image, image], [out, out], "out[0] is also out[1]"),
         "count": ([image, image], [out], "out has 1 arrays for 2 images"),
+        "not a list": ([image], out, "out is a list"),
         "a path": (["/nonexistent.png"], [out], "out is for array images"),
+        "a unit axis": ([image[..., :1]], [out], "unit channel axis"),
     }
     with Client(server.address, timeout=30) as client:
         for images, outs, message in refused.values():
@@ -282,16 +280,25 @@ def test_an_out_array_that_cannot_take_the_result_is_refused_before_anything_is_
                 client.submit(images, pipeline, out=outs)
         with pytest.raises(ValueError, match="raw results"):
             client.submit([image], pipeline, result="png", out=[out])
-        slow = Pipeline.parse(["median_blur:ksize=31"] * 20)  # long enough to ask twice
+        slow = Pipeline.parse(["median_blur:ksize=31"] * 20)  # long enough to ask thrice
         job = client.submit([shared], slow, out=[out])
-        with pytest.raises(ValueError, match="in use by unfinished job"):
-            client.submit([image], pipeline, out=[out])
-        with pytest.raises(ValueError, match="in use by unfinished job"):
+        with pytest.raises(ValueError, match="in use by an unfinished job"):
+            client.submit([image], pipeline, out=[out])  # the running job's out
+        with pytest.raises(ValueError, match="in use by an unfinished job"):
             client.submit([image], pipeline, out=[shared])  # the running job's input
+        with pytest.raises(ValueError, match="another job's out"):
+            client.submit([out], pipeline, out=[other])
         assert job.result(timeout=60).ok
         outcome = client.submit([image], pipeline, out=[out]).result(timeout=60)  # free again
         np.testing.assert_array_equal(out, pipeline.apply(image))
         assert outcome.ok
+        # a submit the server refuses gives its holds back at once
+        with pytest.raises(ServerError, match="tile"):
+            client.submit([image], pipeline, tile=-3, out=[out])
+        assert client.submit([image], pipeline, out=[out]).result(timeout=60).ok
+    with Client(server.address, timeout=30, shared_memory=False) as client:
+        with pytest.raises(ValueError, match="needs a server on this host"):
+            client.submit([image], pipeline, out=[out])
 
 
 def test_a_renewed_segment_refuses_its_old_nonce():
