@@ -33,6 +33,7 @@ from .client import (
     prepare_submit,
     probe_segment,
     released_if_refused,
+    released_if_unsent,
     shares_memory,
 )
 from .errors import ImgprocError
@@ -134,12 +135,13 @@ class AsyncClient:
         limits = await self._limits()  # the server's info has come
         shared = result == "raw" and self.shared_memory and await self._shares_memory()
         sub = await asyncio.to_thread(prepare_submit, images, pipeline, names, shared, out, result)
-        with released_if_refused(sub):
+        with released_if_unsent(sub):
             check_limits(limits, sub.descs)
             fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile}
             req = self._core.request(
                 "submit", submission=sub, progress=progress, result=result, **fields
             )
+        with released_if_refused(sub):
             header, _ = await self._reply(req, "submit")
         return AsyncJob(self, self._core.take_job(header))
 

@@ -30,6 +30,7 @@ import numpy as np
 from .connection import (
     DEFAULT_ADDRESS,
     LOST_MESSAGE,
+    WRITTEN,
     Connection,
     CurveRefused,
     Event,
@@ -50,7 +51,9 @@ from .connection import (
     prepare_submit,
     probe_segment,
     released_if_refused,
+    released_if_unsent,
     shares_memory,
+    written,
 )
 from .errors import ImageReadError, ImgprocError, InvalidParameter
 from .pipeline import Pipeline
@@ -219,9 +222,9 @@ class Client:
         whole :func:`mpi_imgproc.shm.shared_array` of the result's shape and dtype, which the
         workers write the result into (``JobResult.images[i]`` is then ``out[i]``): reused
         job after job, that saves the kernel allocating a fresh segment each time.  It may
-        not be any image of the submit, another ``out``, nor an array an unfinished (or
-        lost) job of this process uses (see ``docs/api.md``); after a job that failed, its
-        content is undefined.
+        not be any image of the submit or another ``out``; while a job writes it, and for
+        good after an image that ended without its result, it is refused as an ``out`` and
+        as an image (see ``docs/api.md``).
         """
         shared = result == "raw" and self.shared_memory and self._shares_memory()
         sub = prepare_submit(images, pipeline, names, shared, out, result)
@@ -240,12 +243,13 @@ class Client:
         return self._probed
 
     def _submit(self, sub: Submission, tile: int | str, result: str, progress: bool) -> Job:
-        with released_if_refused(sub):
+        with released_if_unsent(sub):
             check_limits(self._limits(), sub.descs)
             fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile}
             req = self._core.request(
                 "submit", submission=sub, progress=progress, result=result, **fields
             )
+        with released_if_refused(sub):
             header, _ = self._reply(req, "submit")
         return self._handle(self._core.take_job(header))
 
@@ -527,6 +531,9 @@ class MapStream:
         """The next readable input (unreadable ones become error items), None at the end."""
         for index, source in self._inputs:
             name = default_name(source, index)
+            if isinstance(source, np.ndarray) and written(source):
+                self._refuse(index, source, name, "in_use", f"image {index}: {WRITTEN}")
+                continue
             try:
                 desc, frame = load_image(source, name, self._shared_pipeline())
             except ImageReadError as exc:

@@ -154,48 +154,36 @@ class Submission:
     # index -> (input, result) segments of images sent through shared memory (:mod:`shm`)
     segments: dict[int, tuple[Segment, Segment]] = field(default_factory=dict)
     outs: dict[int, np.ndarray] = field(default_factory=dict)  # index -> the caller's ``out``
-    # index -> the shared arrays (segments) this image holds: (its input, its out), or None
-    holds: dict[int, tuple[Segment | None, Segment | None]] = field(default_factory=dict)
+    writes: dict[int, Segment] = field(default_factory=dict)  # index -> ``out``'s segment
 
     def hold(self, images: Sequence[Any], writes: dict[int, Segment]) -> None:
-        """Take this submit's holds on shared arrays: one reader for each that is an image,
-        the writer for each that is an ``out``, with a fresh nonce (a late task of an earlier
-        job is then refused on open).  Raises ValueError, holding nothing, for an ``out``
-        that another image holds, or an image that another image's ``out`` is."""
+        """Mark each ``out``'s shared array as written (``Segment.writer``) and give it a
+        fresh nonce, so a late task of an earlier job is refused on open.  Raises ValueError,
+        marking nothing, when an ``out`` or an image (or the array an image is a view of) is
+        written already: by an unfinished job, or by one that ended without its result."""
         with _HOLDS:
             for i, segment in writes.items():
-                if segment.writer or segment.readers:
-                    raise ValueError(
-                        f"out[{i}]: this shared array is in use by an unfinished job, or by "
-                        "one this client lost (whose server may still write it)"
-                    )
+                if segment.writer:
+                    raise ValueError(f"out[{i}]: {WRITTEN}")
             for j, image in enumerate(images):
-                source = owner_of(image) if isinstance(image, np.ndarray) else None
-                if source is not None and source.writer:
-                    raise ValueError(
-                        f"image {j}: this shared array is another job's out, unfinished (or lost)"
-                    )
-            for j, image in enumerate(images):
-                source = owner_of(image) if isinstance(image, np.ndarray) else None
-                result = writes.get(j)
-                if source is not None:
-                    source.readers += 1
-                if result is not None:
-                    result.writer = True
-                    result.renew()
-                if source is not None or result is not None:
-                    self.holds[j] = (source, result)
+                if isinstance(image, np.ndarray) and written(image):
+                    raise ValueError(f"image {j}: {WRITTEN}")
+            for segment in writes.values():
+                segment.renew()
+            for i, segment in writes.items():
+                segment.writer = True
+                self.writes[i] = segment
 
     def release(self, index: int | None = None) -> None:
-        """Give up the holds of image ``index`` (all: None): its result or error has come,
-        the job is over, or the server refused the submit."""
+        """Unmark ``out`` ``index`` (all: None): its result has come (every task that wrote
+        it is over), or the submit was never sent or the server refused it.  An image that
+        ends otherwise (an error, a cancel, a lost job) leaves its ``out`` marked for good:
+        a task of it may still be running, and would write there."""
         with _HOLDS:
-            for i in [index] if index is not None else list(self.holds):
-                source, result = self.holds.pop(i, (None, None))
-                if source is not None:
-                    source.readers = max(0, source.readers - 1)
-                if result is not None:
-                    result.writer = False
+            for i in [index] if index is not None else list(self.writes):
+                segment = self.writes.pop(i, None)
+                if segment is not None:
+                    segment.writer = False
 
     @property
     def size(self) -> int:
@@ -205,6 +193,23 @@ class Submission:
     def names(self) -> list[str]:
         """The images' names, in submit order."""
         return [d["name"] for d in self.descs]
+
+
+WRITTEN = (
+    "this shared array is the out of an unfinished job, or of one that ended without its "
+    "result (a late task of it may still write there): use another"
+)
+
+
+def written(image: np.ndarray) -> bool:
+    """Whether ``image`` is, or is a view of, a shared array some job writes (``out``)."""
+    base: Any = image
+    while isinstance(base, np.ndarray):
+        segment = owner_of(base)
+        if segment is not None:
+            return segment.writer
+        base = base.base
+    return False
 
 
 def as_pipeline(pipeline: Pipeline | Sequence[str] | list[dict]) -> Pipeline:
@@ -242,8 +247,8 @@ def check_out(image: Any, out: Any, steps: Pipeline, index: int, shared: bool) -
     return segment
 
 
-# Holds on shared arrays (``Segment.readers``, ``Segment.writer``) are taken and checked under
-# this lock, so two threads cannot both take one array as ``out``.
+# ``Segment.writer`` marks are checked and set under this lock, so two threads cannot both
+# take one shared array as ``out``.
 _HOLDS = threading.Lock()
 
 
@@ -365,13 +370,24 @@ def probe_segment() -> Segment:
 
 
 @contextlib.contextmanager
-def released_if_refused(sub: Submission) -> Iterator[None]:
-    """Around sending ``sub``: when it is refused (over a limit, so never sent, or by the
-    server's ``error``), its holds on shared arrays go; when its reply is only missing (a
-    timeout, a dropped connection), the server may have it, and they stay."""
+def released_if_unsent(sub: Submission) -> Iterator[None]:
+    """Around queueing ``sub``: if that fails, it was never sent, and its ``out`` arrays are
+    unmarked (see :meth:`Submission.release`)."""
     try:
         yield
-    except (RequestTooLarge, ServerError):
+    except BaseException:
+        sub.release()
+        raise
+
+
+@contextlib.contextmanager
+def released_if_refused(sub: Submission) -> Iterator[None]:
+    """Around waiting for ``sub``'s reply: when the server refuses it (``error``), it never
+    ran, and its ``out`` arrays are unmarked; when the reply is only missing (a timeout, a
+    dropped connection), the server may have it, and they stay marked."""
+    try:
+        yield
+    except ServerError:
         sub.release()
         raise
 
@@ -415,7 +431,7 @@ class JobRecord:
         self.uploads = list(uploads)
         self.segments: dict[int, tuple[Segment, Segment]] = {}  # shm images: (input, result)
         self.outs: dict[int, np.ndarray] = {}  # the caller's arrays for results
-        self.holds = Submission([], [], [])  # its holds on shared arrays (``Submission.hold``)
+        self.writes = Submission([], [], [])  # its outs, marked written (``Submission.hold``)
         self.queue: deque[Event] = deque()
         self.results: dict[int, Event] = {}  # decoded only when asked
         self.errors: dict[int, tuple[str, str]] = {}
@@ -446,15 +462,14 @@ class JobRecord:
             elif pair is not None and event.header.get("encoding") == "shm":
                 event.frames = [pair[1].array]  # the result is in its segment, mapped
             self._release(pair)
-            self.holds.release(index)
+            if pair is not None:  # written by now: the result comes after its last strip
+                self.writes.release(index)
         elif event.type == "image_error" and isinstance(index, int) and index >= 0:
             self.errors[index] = (event.header.get("code", ""), event.header.get("message", ""))
             self._release(self.segments.pop(index, None))
-            self.holds.release(index)
         elif event.type == "done":
             self.final, self.uploads = event, []
             self.release_segments()
-            self.holds.release()
         self.queue.append(event)
 
     @staticmethod
@@ -464,8 +479,7 @@ class JobRecord:
                 segment.close()  # the server holds its own descriptors; the mappings live on
 
     def release_segments(self) -> None:
-        """Close every segment's descriptor (the job is over, or lost: a lost job keeps its
-        holds on shared arrays, since its server may still be writing them)."""
+        """Close every segment's descriptor (the job is over, or lost)."""
         for pair in self.segments.values():
             self._release(pair)
         self.segments.clear()
@@ -910,7 +924,8 @@ class Connection:
         job_id, token = header["job"], header["token"]
         record = self.jobs[job_id] = JobRecord(job_id, token, sub.names(), sub.frames)
         record.segments, record.outs = dict(sub.segments), dict(sub.outs)
-        record.holds = Submission([], [], [], holds=dict(sub.holds))  # the holds alone
+        record.writes = Submission([], [], [], writes=sub.writes)  # its marks move here
+        sub.writes = {}  # so that a late refusal of this submit cannot unmark them
         for index, frame in enumerate(sub.frames):
             if frame is not None:
                 self._queue(pack("upload", [frame], job=job_id, token=token, index=index))

@@ -97,9 +97,9 @@ class Segment:
     def __init__(self, shape: tuple[int, ...], dtype: str | np.dtype, name: str = "image"):
         self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
         self.kept = False  # True: a shared_array's, open as long as the array lives
-        # A shared_array's holds (see connection.Submission.hold): unfinished images of this
-        # process that read it, and whether one writes its result into it (``out``).
-        self.readers, self.writer = 0, False
+        # A shared_array's mark (connection.Submission.hold): a job writes its result here
+        # (``out``), or may still (it ended without its result).
+        self.writer = False
         self.nonce = secrets.token_bytes(NONCE_BYTES)
         self._array: np.ndarray | None = None
         self.fd: int | None = None

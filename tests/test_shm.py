@@ -17,10 +17,10 @@ from cluster import running_cluster
 from conftest import random_image
 
 from mpi_imgproc import shm
-from mpi_imgproc.client import Client, ServerError
+from mpi_imgproc.client import Client, RequestTooLarge, ServerError
 from mpi_imgproc.connection import shares_memory
 from mpi_imgproc.pipeline import Pipeline
-from mpi_imgproc.protocol import decode_reply
+from mpi_imgproc.protocol import MAX_IMAGES_PER_REQUEST, decode_reply
 
 pytestmark = pytest.mark.skipif(shm.host_identity() is None, reason="no memfd/proc here")
 
@@ -267,6 +267,7 @@ def test_an_out_array_that_cannot_take_the_result_is_refused_before_anything_is_
         "shape": ([image[:, 1:]], [out], "the result is (330, 299, 3)"),
         "dtype": ([image.astype(np.uint16)], [out], "uint16; out is"),
         "itself": ([shared], [shared], "out[0] is also image[0]"),
+        "a view of itself": ([shared.view(np.ndarray)], [shared], "out[0] is also image[0]"),
         "another image": ([image, shared], [shared, None], "out[0] is also image[1]"),
         "twice": ([image, image], [out, out], "out[0] is also out[1]"),
         "count": ([image, image], [out], "out has 1 arrays for 2 images"),
@@ -282,20 +283,28 @@ def test_an_out_array_that_cannot_take_the_result_is_refused_before_anything_is_
             client.submit([image], pipeline, result="png", out=[out])
         slow = Pipeline.parse(["median_blur:ksize=31"] * 20)  # long enough to ask thrice
         job = client.submit([shared], slow, out=[out])
-        with pytest.raises(ValueError, match="in use by an unfinished job"):
-            client.submit([image], pipeline, out=[out])  # the running job's out
-        with pytest.raises(ValueError, match="in use by an unfinished job"):
-            client.submit([image], pipeline, out=[shared])  # the running job's input
-        with pytest.raises(ValueError, match="another job's out"):
-            client.submit([out], pipeline, out=[other])
+        for images, outs in (([image], [out]), ([out], [other]), ([out[10:20]], None)):
+            with pytest.raises(ValueError, match="the out of an unfinished job"):
+                client.submit(images, pipeline, out=outs)  # out, or a view of it, as input
+        (item,) = client.map([out[5:]], pipeline, timeout=60)
+        assert item.error[0] == "in_use" and "unfinished job" in item.error[1]
         assert job.result(timeout=60).ok
         outcome = client.submit([image], pipeline, out=[out]).result(timeout=60)  # free again
         np.testing.assert_array_equal(out, pipeline.apply(image))
         assert outcome.ok
-        # a submit the server refuses gives its holds back at once
+        # a submit the server refuses, or one never sent, unmarks its out at once
         with pytest.raises(ServerError, match="tile"):
             client.submit([image], pipeline, tile=-3, out=[out])
+        many = MAX_IMAGES_PER_REQUEST + 1
+        with pytest.raises(RequestTooLarge):
+            client.submit([image] * many, pipeline, out=[out] + [None] * (many - 1))
         assert client.submit([image], pipeline, out=[out]).result(timeout=60).ok
+        # an image that ends without its result leaves its out marked: a task may still write
+        job = client.submit([image], slow, out=[other])
+        job.cancel()
+        assert job.result(timeout=60).state == "cancelled"
+        with pytest.raises(ValueError, match="ended without its result"):
+            client.submit([image], pipeline, out=[other])
     with Client(server.address, timeout=30, shared_memory=False) as client:
         with pytest.raises(ValueError, match="needs a server on this host"):
             client.submit([image], pipeline, out=[out])
