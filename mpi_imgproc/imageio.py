@@ -99,6 +99,36 @@ def _check_complete(data: bytes) -> None:
         raise ImageReadError("truncated PNG (no IEND chunk)")
 
 
+def _unassociated_alpha_tiff(raw: bytes) -> np.ndarray | None:
+    """An 8-bit RGBA TIFF with unassociated alpha (the kind region outputs are), decoded by
+    tifffile as stored, in BGRA; None for any other file.
+
+    OpenCV reads such a file through libtiff's RGBA interface, which premultiplies the
+    colours by alpha (a pixel of alpha 0 comes out black), and only for 8 bits.  The region
+    reader (``regionio``) reads the stored values, so a file would give other pixels by
+    reference than uploaded; this keeps one reading, the lossless one, everywhere.
+    """
+    if raw[:4] not in _TIFF_MAGIC:
+        return None
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(raw)) as tif:
+            page = tif.pages.first
+            if not (
+                page.samplesperpixel == 4
+                and page.photometric == tifffile.PHOTOMETRIC.RGB
+                and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
+                and tuple(page.extrasamples) == (tifffile.EXTRASAMPLE.UNASSALPHA,)
+                and np.dtype(page.dtype) == np.uint8
+            ):
+                return None
+            rgba = page.asarray()
+    except (ValueError, RuntimeError, tifffile.TiffFileError) as exc:
+        raise ImageReadError(f"cannot decode TIFF: {exc}") from None
+    return cv2.cvtColor(rgba.reshape(rgba.shape[-3:]), cv2.COLOR_RGBA2BGRA)
+
+
 def decode(data: bytes | memoryview) -> np.ndarray:
     """Decode encoded image bytes (PNG, JPEG, TIFF, BMP, …) keeping depth and alpha."""
     raw = bytes(data) if isinstance(data, memoryview) else data
@@ -106,7 +136,9 @@ def decode(data: bytes | memoryview) -> np.ndarray:
         raise ImageReadError("empty file (0 bytes)")
     _check_complete(raw)
     try:
-        image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
+        image = _unassociated_alpha_tiff(raw)
+        if image is None:
+            image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
         raise ImageReadError(f"cannot decode: {exc}") from None
     if image is None:

@@ -9,7 +9,9 @@ its own strip through a memory map, so several processes write one file side by 
 Pixels use the project's channel order (gray, BGR, BGRA, as OpenCV decodes files); TIFF stores
 RGB(A), so colour channels are reversed on the way in and out.  tifffile was chosen over
 writing a TIFF reader: it knows every layout and codec, and exposes the per-segment decoder
-that region reads need.
+that region reads need; imagecodecs gives it every codec beyond zlib (LZW, OpenCV's default
+for TIFF, among them).  An 8-bit RGBA page with unassociated alpha is read as stored, as
+:func:`mpi_imgproc.imageio.decode` reads it too (OpenCV would premultiply it).
 """
 
 from __future__ import annotations
@@ -96,7 +98,10 @@ class TiffReader(RegionReader):
         decode = self.page.decode
         fh = self.tif.filehandle
         for (data, index), _ in zip(fh.read_segments(offsets, counts, wanted, sort=True), wanted):
-            segment, _, _ = decode(data, index, jpegtables=self.page.jpegtables)
+            try:
+                segment, _, _ = decode(data, index, jpegtables=self.page.jpegtables)
+            except (ValueError, RuntimeError) as exc:  # a codec missing, or corrupt data
+                raise ImageReadError(f"cannot decode TIFF segment {index}: {exc}") from None
             top, left = (index // across) * rows, (index % across) * cols
             segment = segment.reshape(segment.shape[-3:])  # (rows, cols, samples)
             self._paste(out, segment, top, left, y0, x0)

@@ -162,7 +162,8 @@ def test_a_missing_data_root_ends_the_server_with_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def region_inputs(root):
-    """A striped, a tiled (zlib) and an uncompressed TIFF, and a .npy, of one image."""
+    """A striped, a tiled (zlib) and an uncompressed TIFF, OpenCV's own (LZW, its default:
+    decoded through imagecodecs), a tiled zstd TIFF, and a .npy, of one image."""
     import tifffile
 
     image = random_image(np.random.default_rng(7), 700, 530, 3, np.uint16)
@@ -172,13 +173,13 @@ def region_inputs(root):
     tifffile.imwrite(folder / "strips.tif", rgb, rowsperstrip=37, compression="zlib")
     tifffile.imwrite(folder / "tiles.tif", rgb, tile=(64, 128), compression="zlib")
     tifffile.imwrite(folder / "plain.tif", rgb)
+    assert cv2.imwrite(str(folder / "opencv.tif"), image)
+    tifffile.imwrite(folder / "zstd.tif", rgb, tile=(128, 64), compression="zstd")
     np.save(folder / "raw.npy", image)
-    return image, [
-        "regions/strips.tif",
-        "regions/tiles.tif",
-        "regions/plain.tif",
-        "regions/raw.npy",
-    ]
+    return image, [f"regions/{name}" for name in (*TIFFS, "raw.npy")]
+
+
+TIFFS = ("strips.tif", "tiles.tif", "plain.tif", "opencv.tif", "zstd.tif")
 
 
 CHAIN = [
@@ -198,12 +199,12 @@ def test_region_formats_are_read_and_written_by_regions_exactly(
     out = f"out-regions-{ops[0].split(':')[0]}-{len(ops)}-{tile}"
     _, messages = run(dealer, paths=paths, output=out, result="same", pipeline=ops, tile=tile)
     results = by_type(messages, "result")
-    assert not by_type(messages, "image_error") and len(results) == 4
+    assert not by_type(messages, "image_error") and len(results) == len(paths)
     assert {r["path"] for r in results} == {"regions"}
     strips = -(-Pipeline.parse(ops).output_shape(image.shape)[0] // 61) if tile == 61 else 1
     assert {r["tiles"] for r in results} == {strips}
     expected = Pipeline.parse(ops).apply(image)
-    for name in ("strips.tif", "tiles.tif", "plain.tif"):
+    for name in TIFFS:
         written = cv2.imread(str(root / out / name), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(written, expected), name
     assert np.array_equal(np.load(root / out / "raw.npy"), expected)
@@ -464,3 +465,22 @@ def test_big_endian_region_files_are_read_in_native_order(tmp_path, channels, su
     got = open_region(str(path)).read(3, 37, 5, 45)
     assert got.dtype == np.dtype(np.uint16) and got.dtype.isnative
     assert np.array_equal(got, expected[3:37, 5:45])
+
+
+@pytest.mark.parametrize("extra", ["unassalpha", "assocalpha", "unspecified"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_an_alpha_tiff_reads_the_same_uploaded_or_by_regions(tmp_path, extra, dtype):
+    """OpenCV premultiplies the colours of an 8-bit TIFF with unassociated alpha (the kind
+    region outputs are); the decoder reads it as stored instead, as the region reader does,
+    so a file gives the same pixels whichever way it goes."""
+    import tifffile
+
+    from mpi_imgproc.imageio import decode
+    from mpi_imgproc.regionio import open_region
+
+    rgba = np.random.default_rng(3).integers(0, np.iinfo(dtype).max + 1, (31, 23, 4), dtype)
+    path = tmp_path / "alpha.tif"
+    tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=[extra], compression="zlib")
+    stored = rgba[..., [2, 1, 0, 3]]
+    assert np.array_equal(decode(path.read_bytes()), stored)
+    assert np.array_equal(open_region(str(path)).read(0, 31, 0, 23), stored)
