@@ -1,7 +1,8 @@
 """``examples/slurm/*.sbatch`` submitted to a real one-host Slurm (munged, slurmctld, slurmd).
 
 The batch job finishes with its summary; ``scancel --signal=TERM`` drains it (exit 3) and the
-same script submitted again completes the rest; the server job prints its address and a CURVE
+same script submitted again completes the rest, or with ``RESUBMIT`` the job requeues itself
+with its command-line options; the server job prints its address and a CURVE
 client gets exact results from it; ``srun`` with a PMI plugin the MPI does not speak is
 refused with one line.  The jobs use this test run's own virtual environment (``VENV``).
 """
@@ -145,6 +146,45 @@ def test_scancel_term_drains_and_a_resubmission_completes_the_rest(slurm, tmp_pa
     for path in photos[:3] + photos[-3:]:
         out = cv2.imread(str(tmp_path / "out" / path.name), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(out, expected(path, ops)), path.name
+
+
+@pytest.mark.timeout(420)
+def test_resubmit_requeues_the_same_job_with_its_command_line_options(slurm, tmp_path):
+    """RESUBMIT=1: a drained run (exit 3) requeues its own job, which runs again with the
+    sizes given on sbatch's command line (the script's own ask for two nodes would never
+    start here), completes the rest, and ends COMPLETED under the same id."""
+    ops = ["bilateral:d=15"]
+    pipeline = tmp_path / "pipeline.json"
+    pipeline.write_text(json.dumps(Pipeline.parse(ops).to_json()))
+    write_photos(tmp_path / "in", 24, (600, 800))
+    env = dict(INPUT=str(tmp_path / "in"), OUTPUT=str(tmp_path / "out"), VENV=VENV)
+    env.update(PIPELINE=str(pipeline), RESUBMIT="1")
+    log = tmp_path / "batch.out"
+    job = slurm.sbatch(BATCH, *SMALL, f"--output={log}", cwd=REPO, **env)
+    deadline = time.monotonic() + 90
+    while len(list((tmp_path / "out").glob("photo*.png"))) < 2:
+        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    assert slurm.run("scancel", "--signal=TERM", job).returncode == 0
+    wait_for_text(log, r"requeued for run 2 of at most 2", timeout=60)
+    deadline = time.monotonic() + 60
+    while (fields := slurm.job(job)).get("JobState") != "PENDING" or fields["Restarts"] != "1":
+        assert time.monotonic() < deadline, fields
+        time.sleep(0.5)
+    # Slurm holds a requeued job about two minutes (Reason=BeginTime); no need to wait here
+    assert slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now").returncode == 0
+    deadline = time.monotonic() + 240
+    while (fields := slurm.job(job)).get("JobState") != "COMPLETED":
+        assert time.monotonic() < deadline and fields["JobState"] in (
+            "PENDING", "RUNNING", "CONFIGURING", "COMPLETING"
+        ), (fields, log.read_text())  # fmt: skip
+        time.sleep(0.5)
+    text = log.read_text()
+    assert fields["ExitCode"] == "0:0" and fields["Restarts"] == "1", text
+    assert "batch.sbatch: exit status 3" in text and "batch.sbatch: exit status 0" in text
+    summary = json.loads((tmp_path / "out" / "batch-summary.json").read_text())
+    assert summary["ranks"] == 3 and summary["skipped"] + summary["ok"] == 24, summary
+    assert len(list((tmp_path / "out").glob("photo*.png"))) == 24
 
 
 def test_server_sbatch_prints_its_address_and_serves_a_curve_client(slurm, tmp_path):
