@@ -112,21 +112,34 @@ def test_batch_sbatch_finishes_with_its_summary(slurm, tmp_path):
         assert np.array_equal(out, expected(path, ["grayscale", "gaussian_blur:ksize=5"]))
 
 
-def test_scancel_term_drains_and_a_resubmission_completes_the_rest(slurm, tmp_path):
-    ops = ["bilateral:d=15"]  # about 0.4 s an image here: the run is still going when cancelled
+SLOW = ["bilateral:d=15"]  # about 0.4 s an image here: the run is still going when stopped
+
+
+def slow_batch_env(tmp_path: Path, count: int, **extra: str) -> tuple[list[Path], dict]:
+    """``count`` photos and the environment of a batch job that runs SLOW on them."""
     pipeline = tmp_path / "pipeline.json"
-    pipeline.write_text(json.dumps(Pipeline.parse(ops).to_json()))
-    photos = write_photos(tmp_path / "in", 30, (600, 800))
+    pipeline.write_text(json.dumps(Pipeline.parse(SLOW).to_json()))
+    photos = write_photos(tmp_path / "in", count, (600, 800))
     env = dict(INPUT=str(tmp_path / "in"), OUTPUT=str(tmp_path / "out"), VENV=VENV)
-    env["PIPELINE"] = str(pipeline)
-    first = tmp_path / "first.out"
-    job = slurm.sbatch(BATCH, *SMALL, f"--output={first}", cwd=REPO, **env)
+    return photos, {**env, "PIPELINE": str(pipeline), **extra}
+
+
+def stop_after_two_outputs(slurm: Slurm, job: str, out: Path) -> None:
+    """``scancel --signal=TERM`` the job once two outputs are written."""
     deadline = time.monotonic() + 90
-    while len(list((tmp_path / "out").glob("photo*.png"))) < 2:
+    while len(list(out.glob("photo*.png"))) < 2:
         assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING")
         time.sleep(0.2)
     cancelled = slurm.run("scancel", "--signal=TERM", job)
     assert cancelled.returncode == 0, cancelled.stderr
+
+
+def test_scancel_term_drains_and_a_resubmission_completes_the_rest(slurm, tmp_path):
+    photos, env = slow_batch_env(tmp_path, 30)
+    ops = SLOW
+    first = tmp_path / "first.out"
+    job = slurm.sbatch(BATCH, *SMALL, f"--output={first}", cwd=REPO, **env)
+    stop_after_two_outputs(slurm, job, tmp_path / "out")
     fields = slurm.wait_job(job, timeout=60)
     text = first.read_text()
     assert fields["ExitCode"] == "3:0", text
@@ -153,19 +166,10 @@ def test_resubmit_requeues_the_same_job_with_its_command_line_options(slurm, tmp
     """RESUBMIT=1: a drained run (exit 3) requeues its own job, which runs again with the
     sizes given on sbatch's command line (the script's own ask for two nodes would never
     start here), completes the rest, and ends COMPLETED under the same id."""
-    ops = ["bilateral:d=15"]
-    pipeline = tmp_path / "pipeline.json"
-    pipeline.write_text(json.dumps(Pipeline.parse(ops).to_json()))
-    write_photos(tmp_path / "in", 24, (600, 800))
-    env = dict(INPUT=str(tmp_path / "in"), OUTPUT=str(tmp_path / "out"), VENV=VENV)
-    env.update(PIPELINE=str(pipeline), RESUBMIT="1")
+    _, env = slow_batch_env(tmp_path, 24, RESUBMIT="1")
     log = tmp_path / "batch.out"
     job = slurm.sbatch(BATCH, *SMALL, f"--output={log}", cwd=REPO, **env)
-    deadline = time.monotonic() + 90
-    while len(list((tmp_path / "out").glob("photo*.png"))) < 2:
-        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING")
-        time.sleep(0.2)
-    assert slurm.run("scancel", "--signal=TERM", job).returncode == 0
+    stop_after_two_outputs(slurm, job, tmp_path / "out")
     wait_for_text(log, r"requeued for run 2 of at most 2", timeout=60)
     deadline = time.monotonic() + 60
     while (fields := slurm.job(job)).get("JobState") != "PENDING" or fields["Restarts"] != "1":
