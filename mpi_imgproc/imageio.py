@@ -99,6 +99,9 @@ def _check_complete(data: bytes) -> None:
         raise ImageReadError("truncated PNG (no IEND chunk)")
 
 
+OPENCV_MAX_PIXELS = 2**30  # OpenCV's own cap on a decoded image (CV_IO_MAX_IMAGE_PIXELS)
+
+
 def _unassociated_alpha_tiff(raw: bytes) -> np.ndarray | None:
     """An 8-bit RGBA TIFF with unassociated alpha (the kind region outputs are), decoded by
     tifffile as stored, in BGRA; None for any other file.
@@ -106,7 +109,8 @@ def _unassociated_alpha_tiff(raw: bytes) -> np.ndarray | None:
     OpenCV reads such a file through libtiff's RGBA interface, which premultiplies the
     colours by alpha (a pixel of alpha 0 comes out black), and only for 8 bits.  The region
     reader (``regionio``) reads the stored values, so a file would give other pixels by
-    reference than uploaded; this keeps one reading, the lossless one, everywhere.
+    reference than uploaded; this keeps one reading, the lossless one, everywhere.  Larger
+    than OpenCV would decode, it is left to OpenCV, which refuses it.
     """
     if raw[:4] not in _TIFF_MAGIC:
         return None
@@ -117,16 +121,17 @@ def _unassociated_alpha_tiff(raw: bytes) -> np.ndarray | None:
             page = tif.pages.first
             if not (
                 page.samplesperpixel == 4
+                and page.imagelength * page.imagewidth <= OPENCV_MAX_PIXELS
                 and page.photometric == tifffile.PHOTOMETRIC.RGB
                 and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
                 and tuple(page.extrasamples) == (tifffile.EXTRASAMPLE.UNASSALPHA,)
                 and np.dtype(page.dtype) == np.uint8
             ):
                 return None
-            rgba = page.asarray()
+            rgba = page.asarray().reshape(page.imagelength, page.imagewidth, 4)
     except (ValueError, RuntimeError, tifffile.TiffFileError) as exc:
         raise ImageReadError(f"cannot decode TIFF: {exc}") from None
-    return cv2.cvtColor(rgba.reshape(rgba.shape[-3:]), cv2.COLOR_RGBA2BGRA)
+    return cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA, dst=rgba)
 
 
 def decode(data: bytes | memoryview) -> np.ndarray:

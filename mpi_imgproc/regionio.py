@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def swap_red_blue(block: np.ndarray) -> np.ndarray:
 
 
 class RegionReader:
-    """Random access to one image: ``shape``, ``dtype`` and ``read(y0, y1, x0, x1)``."""
+    """Random access to one image: ``shape``, ``dtype``, ``read(y0, y1, x0, x1)`` (the box
+    clipped to the image, in the project's channel order) and ``close()``."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
@@ -57,35 +59,193 @@ class RegionReader:
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release the file (also done when the reader is collected)."""
 
-class NpyReader(RegionReader):
+    def _clip(self, y0: int, y1: int, x0: int, x1: int) -> tuple[int, int, int, int]:
+        h, w = self.shape[:2]
+        y0, x0 = min(max(0, y0), h), min(max(0, x0), w)
+        return y0, max(y0, min(y1, h)), x0, max(x0, min(x1, w))
+
+
+# A strip or tile that a region read decodes whole may be at most this big: a file laid out as
+# one strip for the whole image (or with huge tiles) would have every region task decode all
+# of it.  Such a file is read whole instead (within --max-pixels), as a JPEG is.
+MAX_SEGMENT_BYTES = 64 * 2**20
+
+
+def _open_regular(path: str) -> int:
+    """A descriptor of ``path``, a regular file: opened without blocking (a FIFO swapped in
+    would otherwise hang the open) and checked on the descriptor itself."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageReadError(f"cannot open: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageReadError("not a regular file")
+    return fd
+
+
+class _FileReader(RegionReader):
+    """Pixels stored row after row (C order) at ``offset`` of an open file, in the file's own
+    byte order ``stored``: boxes are read with ``pread``, never through a memory map, so a file
+    truncated under a worker is an ImageReadError, not a SIGBUS that kills the rank."""
+
+    def __init__(self, fd: int, offset: int, shape: tuple[int, ...], stored: np.dtype):
+        self.fd, self.offset, self.stored = fd, offset, stored
+        self.shape, self.dtype = tuple(shape), stored.newbyteorder("=")
+        self.pixel = math.prod(self.shape[2:]) * stored.itemsize
+        self.row = self.shape[1] * self.pixel
+
+    def rows(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """The clipped box as stored (channel order and all), in native byte order."""
+        y0, y1, x0, x1 = self._clip(y0, y1, x0, x1)
+        width, inner = self.shape[1], self.shape[2:]
+        if (x1 - x0) * 2 >= width:  # whole rows in one read, cut after
+            block = np.empty((y1 - y0, width, *inner), self.stored)
+            pread_into(self.fd, block, self.offset + y0 * self.row)
+            if (x0, x1) != (0, width):
+                block = np.ascontiguousarray(block[:, x0:x1])
+        else:  # a narrow box: each row's run on its own
+            block = np.empty((y1 - y0, x1 - x0, *inner), self.stored)
+            for i in range(y1 - y0):
+                pread_into(self.fd, block[i], self.offset + (y0 + i) * self.row + x0 * self.pixel)
+        return block if self.stored.isnative else block.astype(self.dtype)
+
+    def close(self) -> None:
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class NpyReader(_FileReader):
+    """A ``.npy`` file: its header parsed by NumPy, its pixels read by ``pread``."""
+
     def __init__(self, path: str):
-        self.array = np.load(path, mmap_mode="r", allow_pickle=False)
-        self.shape, self.dtype = self.array.shape, self.array.dtype.newbyteorder("=")
+        fd = _open_regular(path)
+        try:
+            with open(fd, "rb", closefd=False) as fh:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, stored = np.lib.format.read_array_header_1_0(fh)
+                elif version == (2, 0):
+                    shape, fortran, stored = np.lib.format.read_array_header_2_0(fh)
+                else:
+                    raise ImageReadError(f".npy format version {version} is not read here")
+                offset = fh.tell()
+            if stored.hasobject:
+                raise ImageReadError(".npy holds Python objects, not pixels")
+            if fortran and len(shape) > 1:
+                raise ImageReadError(".npy is Fortran-ordered: save it in C order")
+            need = offset + math.prod(shape) * stored.itemsize
+            if os.fstat(fd).st_size < need:
+                raise ImageReadError(f".npy is truncated: {need} bytes expected")
+            super().__init__(fd, offset, tuple(shape), stored)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return np.array(self.array[y0:y1, x0:x1], self.dtype)  # a big-endian file: native
+        return self.rows(y0, y1, x0, x1)
+
+
+def _unplain(page: Any) -> str | None:
+    """Why a TIFF page's stored samples are not the pixels OpenCV decodes from it (so a region
+    read would differ from the whole file's), or None when they are: 8- or 16-bit unsigned,
+    one image deep, top-left oriented, gray, RGB or RGBA (or JPEG-coded YCbCr, which the
+    codec turns into RGB), samples interleaved."""
+    photometric, spp = page.photometric, page.samplesperpixel
+    orientation = page.tags.get(274)  # Orientation
+    checks = [
+        (page.imagedepth == 1, "volumetric"),
+        (orientation is None or orientation.value == 1, "not top-left oriented"),
+        (page.fillorder == 1, "bits filled lowest first"),
+        (page.bitspersample in (8, 16) and page.sampleformat == tifffile.SAMPLEFORMAT.UINT,
+         f"{page.bitspersample}-bit samples"),
+        (page.planarconfig == tifffile.PLANARCONFIG.CONTIG or spp == 1, "planar-separate"),
+        (photometric == tifffile.PHOTOMETRIC.MINISBLACK and spp == 1
+         or photometric == tifffile.PHOTOMETRIC.RGB and spp in (3, 4)
+         or photometric == tifffile.PHOTOMETRIC.YCBCR and spp == 3
+         and page.compression in (tifffile.COMPRESSION.JPEG, tifffile.COMPRESSION.OJPEG),
+         f"photometric {photometric.name} with {spp} samples"),
+    ]  # fmt: skip
+    return next((why for ok, why in checks if not ok), None)
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
+    """The (height, width) a JPEG stream's frame header declares, or None if it has none
+    before its first scan (a tables-only stream)."""
+    i = 2 if data[:2] == b"\xff\xd8" else 0
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF and i + 9 <= len(data):
+            height, width = int.from_bytes(data[i + 5 : i + 7]), int.from_bytes(data[i + 7 : i + 9])
+            return height, width
+        if marker == 0xDA:
+            return None
+        i += 2 + int.from_bytes(data[i + 2 : i + 4])
+    return None
 
 
 class TiffReader(RegionReader):
-    """The first page of a TIFF, by memory map or by the strips/tiles a rectangle touches."""
+    """The first page of a TIFF: an uncompressed contiguous one by ``pread`` of its rows, a
+    striped or tiled one (any codec tifffile decodes) by the strips or tiles a box touches.
+    Made by :meth:`open`, which says None for a page a region read would get wrong or that
+    would cost too much (see ``_unplain`` and :data:`MAX_SEGMENT_BYTES`)."""
 
-    def __init__(self, path: str):
-        self.tif = tifffile.TiffFile(path)
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.fh = open(fd, "rb", closefd=False)
+        self.tif = tifffile.TiffFile(self.fh, name="image.tif")
         page = self.tif.pages.first
-        if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and page.samplesperpixel > 1:
-            raise ImageReadError("planar-separate TIFF has no region access here")
         self.page = page
-        self.shape, self.dtype = page.shape, np.dtype(page.dtype).newbyteorder("=")
-        self.memmap = page.asarray(out="memmap") if page.is_memmappable else None
+        self.shape, self.dtype = tuple(page.shape), np.dtype(page.dtype).newbyteorder("=")
         self.chunk = page.chunks[:2]  # rows, columns of one strip or tile
+        self.rows_reader: _FileReader | None = None
+        if page.is_final:  # stored as it is decoded, from dataoffsets[0] on (tifffile)
+            stored = np.dtype(page.dtype).newbyteorder(self.tif.byteorder)
+            self.rows_reader = _FileReader(os.dup(fd), page.dataoffsets[0], self.shape, stored)
+
+    @classmethod
+    def open(cls, path: str) -> TiffReader | None:
+        reader = cls(_open_regular(path))
+        try:
+            page = reader.page
+            segment = math.prod(page.chunks) * np.dtype(page.dtype).itemsize
+            if _unplain(page) or (reader.rows_reader is None and segment > MAX_SEGMENT_BYTES):
+                reader.close()
+                return None
+        except BaseException:
+            reader.close()
+            raise
+        return reader
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        if self.memmap is not None:  # one copy out of the page cache, swapping as it goes
-            block = self.memmap[y0:y1, x0:x1]
-            swapped = swap_red_blue(block)  # in native byte order, as self.dtype
-            return np.array(block, self.dtype) if swapped is block else swapped
-        out = np.empty((y1 - y0, x1 - x0, *self.shape[2:]), self.dtype)
+        try:
+            if self.rows_reader is not None:  # one copy out of the page cache, then the swap
+                return swap_red_blue(self.rows_reader.rows(y0, y1, x0, x1))
+            return swap_red_blue(self._segments(*self._clip(y0, y1, x0, x1)))
+        except ImageReadError:
+            raise
+        except MemoryError:
+            raise ImageReadError("a strip or tile does not fit in memory") from None
+        except Exception as exc:  # noqa: BLE001 - a damaged file: its reader says what it met
+            raise ImageReadError(f"cannot read TIFF: {type(exc).__name__}: {exc}") from None
+
+    def _segments(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        out = np.zeros((y1 - y0, x1 - x0, *self.shape[2:]), self.dtype)  # sparse ones: zeros
         rows, cols = self.chunk
         across = math.ceil(self.shape[1] / cols)
         wanted = [
@@ -93,19 +253,26 @@ class TiffReader(RegionReader):
             for r in range(y0 // rows, math.ceil(y1 / rows))
             for c in range(x0 // cols, math.ceil(x1 / cols))
         ]
-        offsets = [self.page.dataoffsets[i] for i in wanted]
-        counts = [self.page.databytecounts[i] for i in wanted]
-        decode = self.page.decode
+        page, decode = self.page, self.page.decode
+        offsets = [page.dataoffsets[i] for i in wanted]
+        counts = [page.databytecounts[i] for i in wanted]
+        jpeg = page.compression in (tifffile.COMPRESSION.JPEG, tifffile.COMPRESSION.OJPEG)
         fh = self.tif.filehandle
-        for (data, index), _ in zip(fh.read_segments(offsets, counts, wanted, sort=True), wanted):
+        for data, index in fh.read_segments(offsets, counts, wanted, sort=True):
+            if not data:
+                continue
+            if jpeg and (size := jpeg_frame_size(data)) and (size[0] > rows or size[1] > cols):
+                raise ImageReadError(f"JPEG tile {index} declares {size[1]}x{size[0]} pixels")
             try:
-                segment, _, _ = decode(data, index, jpegtables=self.page.jpegtables)
+                segment, _, _ = decode(data, index, jpegtables=page.jpegtables)
             except (ValueError, RuntimeError) as exc:  # a codec missing, or corrupt data
                 raise ImageReadError(f"cannot decode TIFF segment {index}: {exc}") from None
+            if segment is None:
+                continue
             top, left = (index // across) * rows, (index % across) * cols
             segment = segment.reshape(segment.shape[-3:])  # (rows, cols, samples)
             self._paste(out, segment, top, left, y0, x0)
-        return swap_red_blue(out)
+        return out
 
     def _paste(self, out, segment, top, left, y0, x0) -> None:
         sy0, sx0 = max(top, y0), max(left, x0)
@@ -117,10 +284,26 @@ class TiffReader(RegionReader):
         target = out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
         target[...] = block.reshape(target.shape)
 
+    def close(self) -> None:
+        if getattr(self, "rows_reader", None) is not None:
+            self.rows_reader.close()
+        if getattr(self, "tif", None) is not None:
+            self.tif.close()
+        if getattr(self, "fh", None) is not None:
+            self.fh.close()
+        fd, self.fd = getattr(self, "fd", -1), -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
 
 def open_region(path: str, name: str | None = None) -> RegionReader | None:
-    """A region reader for ``path``, or None if its format has no random access here;
-    ``name`` gives the format by its suffix where ``path`` has none (an open file's path).
+    """A region reader for ``path``, or None if it has no random access here: not a region
+    format, or a TIFF whose region reads would differ from OpenCV's whole decoding or cost too
+    much (read whole instead); ``name`` gives the format by its suffix where ``path`` has none
+    (an open file's path).
 
     Raises ImageReadError for a file of a region format that cannot be read.
     """
@@ -128,15 +311,31 @@ def open_region(path: str, name: str | None = None) -> RegionReader | None:
     if suffix not in REGION_SUFFIXES:
         return None
     try:
-        reader: RegionReader = NpyReader(path) if suffix == ".npy" else TiffReader(path)
-    except (OSError, ValueError, tifffile.TiffFileError) as exc:
-        raise ImageReadError(f"cannot read for regions: {exc}") from None
+        reader = NpyReader(path) if suffix == ".npy" else TiffReader.open(path)
+    except ImageReadError:
+        raise
+    except MemoryError:
+        raise ImageReadError("cannot read for regions: its header does not fit in memory") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged header: say what the parser met
+        raise ImageReadError(f"cannot read for regions: {type(exc).__name__}: {exc}") from None
+    if reader is None:
+        return None
+    try:
+        _check_region_image(reader, suffix)
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+def _check_region_image(reader: RegionReader, suffix: str) -> None:
     shape, dtype = reader.shape, reader.dtype
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
         raise ImageReadError(f"region input must be gray, BGR or BGRA; shape {shape}")
+    if 0 in shape:
+        raise ImageReadError(f"image is empty: shape {shape}")
     if dtype not in _DTYPES:
         raise ImageReadError(f"region input must be 8- or 16-bit; got {dtype}")
-    return reader
 
 
 def create_output(

@@ -469,6 +469,7 @@ class Scheduler:
                 if reader is None:
                     return False
                 in_shape, dtype = reader.shape, reader.dtype
+                reader.close()  # each task opens its own
             else:
                 probed = streamio.streamable(job.root, source)
                 if probed is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from typing import Any
 
 import cv2
 import numpy as np
@@ -14,6 +15,7 @@ import zmq
 from cluster import mpi_command, running_cluster
 from conftest import random_image, write_images
 
+from mpi_imgproc.errors import ImageReadError
 from mpi_imgproc.pipeline import Pipeline
 from mpi_imgproc.protocol import decode_reply
 
@@ -484,3 +486,91 @@ def test_an_alpha_tiff_reads_the_same_uploaded_or_by_regions(tmp_path, extra, dt
     stored = rgba[..., [2, 1, 0, 3]]
     assert np.array_equal(decode(path.read_bytes()), stored)
     assert np.array_equal(open_region(str(path)).read(0, 31, 0, 23), stored)
+
+
+def _region(path) -> Any:
+    from mpi_imgproc.regionio import open_region
+
+    return open_region(str(path))
+
+
+def test_a_region_input_truncated_under_its_reader_is_an_error_not_a_crash(tmp_path):
+    """Region files are read with pread, not through a map: a file cut short while a worker
+    reads it (a `cp` over it) is an ImageReadError, where a mapped read dies of SIGBUS."""
+    import tifffile
+
+    image = np.random.default_rng(1).integers(0, 256, (300, 200, 3), np.uint8)
+    np.save(tmp_path / "in.npy", image)
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    for name in ("in.npy", "in.tif"):
+        reader = _region(tmp_path / name)
+        assert np.array_equal(reader.read(0, 300, 0, 200)[..., ::-1 if name == "in.tif" else 1],
+                              image)  # fmt: skip
+        os.truncate(tmp_path / name, 4096)
+        with pytest.raises(ImageReadError, match="file ends before byte"):
+            reader.read(100, 200, 0, 200)
+        reader.close()
+
+
+def test_tiffs_whose_stored_samples_are_not_their_pixels_are_read_whole(tmp_path):
+    """Palette, inverted gray, CMYK, rotated by a tag, 12-bit, one strip for a large image:
+    a region read would differ from OpenCV's decoding (or decode the whole strip per task),
+    so such files have no region access and go the whole way, as a JPEG does."""
+    import tifffile
+
+    rng = np.random.default_rng(2)
+    gray = rng.integers(0, 256, (64, 48), np.uint8)
+    cases = {
+        "palette": dict(data=gray, photometric="palette",
+                        colormap=rng.integers(0, 65536, (3, 256), np.uint16)),
+        "miniswhite": dict(data=gray, photometric="miniswhite"),
+        "cmyk": dict(data=rng.integers(0, 256, (64, 48, 4), np.uint8), photometric="separated"),
+        "rotated": dict(data=gray, extratags=[(274, "H", 1, 3, True)]),
+        "one strip": dict(data=np.zeros((9000, 8000), np.uint8), rowsperstrip=9000,
+                          compression="zlib"),
+    }  # fmt: skip
+    for name, kwargs in cases.items():
+        tifffile.imwrite(tmp_path / f"{name}.tif", kwargs.pop("data"), **kwargs)
+        assert _region(tmp_path / f"{name}.tif") is None, name
+    tifffile.imwrite(tmp_path / "plain.tif", gray, rowsperstrip=7, compression="zlib")
+    assert np.array_equal(_region(tmp_path / "plain.tif").read(3, 50, 5, 40), gray[3:50, 5:40])
+
+
+def test_damaged_region_files_fail_with_a_reason(tmp_path):
+    import tifffile
+
+    image = np.random.default_rng(3).integers(0, 256, (64, 64, 3), np.uint8)
+    ok, jpeg = cv2.imencode(".jpg", image)
+    jpeg = bytearray(jpeg)
+    sof = jpeg.find(b"\xff\xc0")
+    jpeg[sof + 5 : sof + 9] = (40000).to_bytes(2, "big") * 2  # a 40000x40000 frame
+    tifffile.imwrite(tmp_path / "bomb.tif", shape=(64, 64, 3), dtype=np.uint8,
+                     photometric="ycbcr", compression="jpeg", rowsperstrip=64,
+                     data=iter([bytes(jpeg)]))  # fmt: skip
+    with pytest.raises(ImageReadError, match="declares 40000x40000"):
+        _region(tmp_path / "bomb.tif").read(0, 16, 0, 64)
+    (tmp_path / "header.tif").write_bytes(b"II*\x00")
+    (tmp_path / "nopage.tif").write_bytes(b"II*\x00\x00\x00\x00\x00")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 10, 3), np.uint8))
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(image[..., 0]))
+    damaged = {"header.tif": "cannot read for regions", "nopage.tif": "cannot read for regions",
+               "empty.npy": "image is empty", "fortran.npy": "Fortran-ordered"}  # fmt: skip
+    for name, why in damaged.items():
+        with pytest.raises(ImageReadError, match=why):
+            _region(tmp_path / name)
+    os.mkfifo(tmp_path / "fifo.tif")
+    with pytest.raises(ImageReadError, match="not a regular file"):  # at once, not a hang
+        _region(tmp_path / "fifo.tif")
+
+
+def test_sparse_tiles_read_as_zeros(tmp_path):
+    """Tiles with no data (offset and count 0, as GDAL writes them) are zeros, as OpenCV
+    decodes them."""
+    import tifffile
+
+    tiles = iter([np.full((16, 16), 7, np.uint8), None, None, np.full((16, 16), 9, np.uint8)])
+    tifffile.imwrite(tmp_path / "sparse.tif", tiles, shape=(32, 32), dtype=np.uint8,
+                     tile=(16, 16))  # fmt: skip
+    got = _region(tmp_path / "sparse.tif").read(0, 32, 0, 32)
+    assert (got[:16, :16] == 7).all() and (got[16:, 16:] == 9).all()
+    assert (got[:16, 16:] == 0).all() and (got[16:, :16] == 0).all()
