@@ -117,20 +117,28 @@ def _unassociated_alpha_tiff(raw: bytes) -> np.ndarray | None:
     import tifffile
 
     try:
-        with tifffile.TiffFile(io.BytesIO(raw)) as tif:
-            page = tif.pages.first
-            if not (
-                page.samplesperpixel == 4
-                and page.imagelength * page.imagewidth <= OPENCV_MAX_PIXELS
-                and page.photometric == tifffile.PHOTOMETRIC.RGB
-                and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
-                and tuple(page.extrasamples) == (tifffile.EXTRASAMPLE.UNASSALPHA,)
-                and np.dtype(page.dtype) == np.uint8
-            ):
-                return None
-            rgba = page.asarray().reshape(page.imagelength, page.imagewidth, 4)
-    except (ValueError, RuntimeError, tifffile.TiffFileError) as exc:
-        raise ImageReadError(f"cannot decode TIFF: {exc}") from None
+        tif = tifffile.TiffFile(io.BytesIO(raw))
+        page = tif.pages.first
+        ours = (
+            page.samplesperpixel == 4
+            and page.imagelength * page.imagewidth <= OPENCV_MAX_PIXELS
+            and page.photometric == tifffile.PHOTOMETRIC.RGB
+            and page.planarconfig == tifffile.PLANARCONFIG.CONTIG
+            and tuple(page.extrasamples) == (tifffile.EXTRASAMPLE.UNASSALPHA,)
+            and np.dtype(page.dtype) == np.uint8
+        )
+    except Exception:  # noqa: BLE001 - a header tifffile cannot parse: OpenCV says what it is
+        return None
+    try:
+        if not ours:
+            return None
+        rgba = page.asarray().reshape(page.imagelength, page.imagewidth, 4)
+    except MemoryError:
+        raise ImageReadError("cannot decode TIFF: it does not fit in memory") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file: say what the decoder met
+        raise ImageReadError(f"cannot decode TIFF: {type(exc).__name__}: {exc}") from None
+    finally:
+        tif.close()
     return cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA, dst=rgba)
 
 
