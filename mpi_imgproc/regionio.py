@@ -1,10 +1,12 @@
 """Read and write rectangles of an image file without ever holding the whole image.
 
-Formats built for random access: raw NumPy ``.npy`` (memory-mapped) and TIFF/BigTIFF through
-tifffile: an uncompressed contiguous page is memory-mapped; a striped or tiled page (any codec
-tifffile decodes) is read strip by strip or tile by tile, only those the rectangle touches.
-Outputs are uncompressed BigTIFF or ``.npy``, preallocated once, then filled by each worker for
-its own strip through a memory map, so several processes write one file side by side.
+Formats built for random access: raw NumPy ``.npy`` and TIFF/BigTIFF through tifffile.  The
+pixels of a ``.npy`` and of an uncompressed contiguous TIFF page are read with ``pread`` (no
+memory map: a file truncated under a reader is an error, not a SIGBUS); a striped or tiled page
+(any codec tifffile decodes) is read strip by strip or tile by tile, only those the rectangle
+touches.  Outputs are uncompressed BigTIFF or ``.npy``, preallocated once, then filled by each
+worker for its own strip (whole rows with ``pwrite``), so several processes write one file
+side by side.
 
 Pixels use the project's channel order (gray, BGR, BGRA, as OpenCV decodes files); TIFF stores
 RGB(A), so colour channels are reversed on the way in and out.  tifffile was chosen over
