@@ -23,7 +23,7 @@ import struct
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -42,11 +42,7 @@ from .errors import ImageReadError, ImageWriteError
 from .ops import check_image
 
 FORMATS = ("png", "jpg", "tif", "same")
-IMAGE_SUFFIXES = (
-    ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm", ".dcm",
-)  # fmt: skip
-# Formats read but not written: "same" as the input writes this instead (DICOM: 16-bit PNG).
-SAME_AS = {"dcm": "png"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".pgm", ".ppm")
 _EXTENSIONS = {"png": ".png", "jpg": ".jpg", "tif": ".tif"}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG markers that stand alone, without a length (TEM, SOI; RST0-7 and EOI are handled apart).
@@ -146,63 +142,14 @@ def _unassociated_alpha_tiff(raw: bytes) -> np.ndarray | None:
     return cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA, dst=rgba)
 
 
-def is_dicom(head: bytes) -> bool:
-    """A DICOM file (Part 10): a 128-byte preamble, then ``DICM``."""
-    return head[128:132] == b"DICM"
-
-
-_DICOM_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422")
-
-
-def _dicom_header(fp: BinaryIO) -> tuple[Any, int]:
-    """The dataset of a DICOM file up to its pixels, and its frame count; ImageReadError for
-    pixels this does not take: signed (CT's Hounsfield units: the ops take unsigned 8 or 16
-    bits), other depths, palettes and other colour models."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
-        bits, signed = int(ds.BitsAllocated), int(ds.PixelRepresentation)
-        samples, photometric = int(ds.SamplesPerPixel), str(ds.PhotometricInterpretation)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except Exception as exc:  # noqa: BLE001 - a damaged header: say what the parser met
-        raise ImageReadError(f"cannot read DICOM header: {type(exc).__name__}: {exc}") from None
-    if signed:
-        raise ImageReadError("DICOM pixels are signed (PixelRepresentation 1); unsigned only")
-    if bits not in (8, 16):
-        raise ImageReadError(f"DICOM samples of {bits} bits; 8 or 16 only")
-    if photometric not in _DICOM_PHOTOMETRIC or samples not in (1, 3):
-        raise ImageReadError(f"DICOM photometric {photometric} is not read here")
-    if rows * cols == 0 or rows * cols > OPENCV_MAX_PIXELS:
-        raise ImageReadError(f"DICOM of {cols}x{rows} pixels")
-    return ds, frames
-
-
-def _decode_dicom(raw: bytes) -> np.ndarray:
-    """The first frame of a DICOM file, as stored (no rescale or window: the values the
-    modality wrote), gray or BGR; compressed transfer syntaxes as far as pydicom and Pillow
-    decode them (RLE, baseline JPEG, JPEG 2000)."""
-    from pydicom import dcmread
-    from pydicom.pixels import pixel_array
-
-    _dicom_header(io.BytesIO(raw))  # refuse what is not taken before decoding anything
-    try:
-        frame = pixel_array(dcmread(io.BytesIO(raw)), index=0)
-    except Exception as exc:  # noqa: BLE001 - a codec missing, or damaged pixel data
-        raise ImageReadError(f"cannot decode DICOM pixels: {type(exc).__name__}: {exc}") from None
-    frame = np.ascontiguousarray(frame)
-    return cv2.cvtColor(frame, cv2.COLOR_RGB2BGR) if frame.ndim == 3 else frame
-
-
 def decode(data: bytes | memoryview) -> np.ndarray:
-    """Decode encoded image bytes (PNG, JPEG, TIFF, BMP, DICOM, …) keeping depth and alpha."""
+    """Decode encoded image bytes (PNG, JPEG, TIFF, BMP, …) keeping depth and alpha."""
     raw = bytes(data) if isinstance(data, memoryview) else data
     if not raw:
         raise ImageReadError("empty file (0 bytes)")
     _check_complete(raw)
     try:
-        image = _decode_dicom(raw) if is_dicom(raw) else _unassociated_alpha_tiff(raw)
+        image = _unassociated_alpha_tiff(raw)
         if image is None:
             image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
@@ -267,7 +214,6 @@ def read_image(path: str | Path) -> np.ndarray:
 # --------------------------------------------------------------------------- header probing
 
 _HEADER_BYTES = 32
-_DICOM_HEAD = 132  # preamble and "DICM"
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 _JP2_MAGIC = (b"\xff\x4f\xff\x51", b"\0\0\0\x0cjP  \r\n\x87\n")  # codestream, JP2 box
 _ONE_CHANNEL_MODES = ("1", "L", "I", "F")
@@ -414,15 +360,8 @@ def probe(
 
 
 def _probe_file(fp: BinaryIO) -> tuple[int, int, int, int] | None:
-    head = fp.read(_DICOM_HEAD)
+    head = fp.read(_HEADER_BYTES)
     fp.seek(0)
-    if is_dicom(head):
-        try:
-            ds, _ = _dicom_header(fp)
-        except ImageReadError:
-            return None  # decode says why
-        return int(ds.Rows), int(ds.Columns), int(ds.SamplesPerPixel), int(ds.BitsAllocated) // 8
-    head = head[:_HEADER_BYTES]
     if head[:3] == b"GIF":
         return _gif_header(fp)
     return _webp_header(head) or _pillow_header(fp, head)
@@ -449,7 +388,6 @@ def output_path(source: str | Path, outdir: str | Path, fmt: str) -> Path:
     """Where the result of ``source`` goes: ``outdir/<stem>.<ext>`` (``same`` keeps the suffix)."""
     source = Path(source)
     suffix = (source.suffix or ".png") if fmt == "same" else _EXTENSIONS[fmt]
-    suffix = "." + SAME_AS.get(suffix.lower().lstrip("."), suffix.lstrip("."))
     return Path(outdir) / (source.stem + suffix)
 
 

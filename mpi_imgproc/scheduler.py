@@ -31,7 +31,7 @@ from . import shm, streamio
 from .chain import ChainStage
 from .datapaths import create_beneath, fd_path, open_beneath, replace_beneath, use_beneath
 from .errors import ImgprocError, describe, error_code
-from .imageio import SAME_AS, encode
+from .imageio import encode
 from .imagetask import ENCODED, PATH, PIXELS, as_buffer
 from .pipeline import Pipeline, ReduceStage, Stage, TiledStage, ViewStage
 from .planner import (
@@ -915,4 +915,4 @@ def output_format(output: str, name: str) -> str:
     if output != "same":
         return output
     suffix = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    return SAME_AS.get(suffix, suffix) or "png"
+    return suffix or "png"
