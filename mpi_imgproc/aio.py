@@ -137,10 +137,8 @@ class AsyncClient:
         sub = await asyncio.to_thread(prepare_submit, images, pipeline, names, shared, out, result)
         with released_if_unsent(sub):
             check_limits(limits, sub.descs)
-            fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile}
-            req = self._core.request(
-                "submit", submission=sub, progress=progress, result=result, **fields
-            )
+            fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile, "result": result}
+            req = self._core.request("submit", submission=sub, progress=progress, **fields)
         with released_if_refused(sub):
             header, _ = await self._reply(req, "submit")
         return AsyncJob(self, self._core.take_job(header))

@@ -226,7 +226,7 @@ def single_row_resize(rows: np.ndarray, phase: float, fx: float, interpolation: 
     random sizes up and down, thin ones of up to 2**24 rows among them; kept by the property
     tests.
     """
-    before = 1 if interpolation == "cubic" else 3
+    before = len(rows) // 2 - 1  # as RowMap.before: 1 for cubic's 4 taps, 3 for lanczos' 8
     fy = 1.0 / (2 * before + 1 + 2 * phase)  # (0 + 0.5) / fy - 0.5 == before + phase
     mode = INTERPOLATIONS[interpolation]
     return cv2.resize(rows, None, fx=fx, fy=fy, interpolation=mode)

@@ -245,10 +245,8 @@ class Client:
     def _submit(self, sub: Submission, tile: int | str, result: str, progress: bool) -> Job:
         with released_if_unsent(sub):
             check_limits(self._limits(), sub.descs)
-            fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile}
-            req = self._core.request(
-                "submit", submission=sub, progress=progress, result=result, **fields
-            )
+            fields = {"pipeline": sub.pipeline, "images": sub.descs, "tile": tile, "result": result}
+            req = self._core.request("submit", submission=sub, progress=progress, **fields)
         with released_if_refused(sub):
             header, _ = self._reply(req, "submit")
         return self._handle(self._core.take_job(header))

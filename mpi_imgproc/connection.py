@@ -144,6 +144,51 @@ class JobResult:
 # -- what a submit sends ------------------------------------------------------------------------
 
 
+class Outs:
+    """The ``out`` arrays of one submit (then of its job), by image index, and which of them
+    are still *marked* written (``Segment.writer``): from the submit until the image's result
+    comes (every task that wrote it is over by then), or the submit was never sent or was
+    refused.  An image that ends otherwise (an error, a cancel, a lost job) leaves its ``out``
+    marked for good: a task of it may still be running, and would write there."""
+
+    def __init__(self, arrays: dict[int, np.ndarray] | None = None):
+        self.arrays = dict(arrays or {})
+        self.marked: set[int] = set()
+
+    def mark(self, images: Sequence[Any]) -> None:
+        """Mark every ``out`` and give it a fresh nonce, so a late task of an earlier job is
+        refused on open.  Raises ValueError, marking nothing, when an ``out`` or an image (or
+        the array an image is a view of) is marked already."""
+        segments = {i: owner_of(a) for i, a in self.arrays.items()}
+        with _MARKS:
+            for i, segment in segments.items():
+                if segment.writer:
+                    raise ValueError(f"out[{i}]: {WRITTEN}")
+            for j, image in enumerate(images):
+                if isinstance(image, np.ndarray) and written(image):
+                    raise ValueError(f"image {j}: {WRITTEN}")
+            for segment in segments.values():
+                segment.renew()
+            for segment in segments.values():
+                segment.writer = True
+            self.marked = set(segments)
+
+    def release(self, index: int | None = None) -> None:
+        """Unmark ``out`` ``index`` (all of them: None)."""
+        with _MARKS:
+            for i in [index] if index is not None else list(self.marked):
+                if i in self.marked:
+                    self.marked.discard(i)
+                    owner_of(self.arrays[i]).writer = False
+
+    def take(self) -> Outs:
+        """These arrays and marks for the job, leaving none here (a late refusal of the
+        submit then cannot unmark what the job holds)."""
+        taken = Outs(self.arrays)
+        taken.marked, self.marked = self.marked, set()
+        return taken
+
+
 @dataclass
 class Submission:
     """A submit made ready to send: the pipeline, one descriptor and one frame per image."""
@@ -153,37 +198,7 @@ class Submission:
     frames: list[Any]  # None for an image in shared memory: nothing to upload
     # index -> (input, result) segments of images sent through shared memory (:mod:`shm`)
     segments: dict[int, tuple[Segment, Segment]] = field(default_factory=dict)
-    outs: dict[int, np.ndarray] = field(default_factory=dict)  # index -> the caller's ``out``
-    writes: dict[int, Segment] = field(default_factory=dict)  # index -> ``out``'s segment
-
-    def hold(self, images: Sequence[Any], writes: dict[int, Segment]) -> None:
-        """Mark each ``out``'s shared array as written (``Segment.writer``) and give it a
-        fresh nonce, so a late task of an earlier job is refused on open.  Raises ValueError,
-        marking nothing, when an ``out`` or an image (or the array an image is a view of) is
-        written already: by an unfinished job, or by one that ended without its result."""
-        with _HOLDS:
-            for i, segment in writes.items():
-                if segment.writer:
-                    raise ValueError(f"out[{i}]: {WRITTEN}")
-            for j, image in enumerate(images):
-                if isinstance(image, np.ndarray) and written(image):
-                    raise ValueError(f"image {j}: {WRITTEN}")
-            for segment in writes.values():
-                segment.renew()
-            for i, segment in writes.items():
-                segment.writer = True
-                self.writes[i] = segment
-
-    def release(self, index: int | None = None) -> None:
-        """Unmark ``out`` ``index`` (all: None): its result has come (every task that wrote
-        it is over), or the submit was never sent or the server refused it.  An image that
-        ends otherwise (an error, a cancel, a lost job) leaves its ``out`` marked for good:
-        a task of it may still be running, and would write there."""
-        with _HOLDS:
-            for i in [index] if index is not None else list(self.writes):
-                segment = self.writes.pop(i, None)
-                if segment is not None:
-                    segment.writer = False
+    outs: Outs = field(default_factory=lambda: Outs())  # the caller's ``out`` arrays
 
     @property
     def size(self) -> int:
@@ -225,7 +240,7 @@ def check_out(image: Any, out: Any, steps: Pipeline, index: int, shared: bool) -
     """The segment of ``out``, refused unless it can take ``image``'s result: a whole array
     made by :func:`~mpi_imgproc.shm.shared_array` (the workers write into it), a server that
     takes shared memory, an array image without a unit channel axis, the result's shape and
-    dtype.  (Whether it is in use, :meth:`Submission.hold` decides.)"""
+    dtype.  (Whether it is in use, :meth:`Outs.mark` decides.)"""
     what = f"out[{index}]"
     segment = owner_of(out) if isinstance(out, np.ndarray) else None
     if segment is None:
@@ -249,7 +264,7 @@ def check_out(image: Any, out: Any, steps: Pipeline, index: int, shared: bool) -
 
 # ``Segment.writer`` marks are checked and set under this lock, so two threads cannot both
 # take one shared array as ``out``.
-_HOLDS = threading.Lock()
+_MARKS = threading.Lock()
 
 
 def load_image(
@@ -324,8 +339,8 @@ def prepare_submit(
                 raise ValueError(f"out[{i}] is also image[{j}]: strips read what it overwrites")
             if j != i and writes.get(j) is segment:
                 raise ValueError(f"out[{i}] is also out[{j}]")
-    sub = Submission(steps.to_json(), [], [])
-    sub.hold(images, writes)
+    sub = Submission(steps.to_json(), [], [], outs=Outs({i: outs[i] for i in writes}))
+    sub.outs.mark(images)
     try:
         loaded = [
             load_image(
@@ -337,10 +352,9 @@ def prepare_submit(
             for i, image in enumerate(images)
         ]
     except BaseException:
-        sub.release()
+        sub.outs.release()
         raise
     sub.descs, sub.frames = [d for d, _ in loaded], [f for _, f in loaded]
-    sub.outs = {i: outs[i] for i in writes}
     for index, (desc, frame) in enumerate(loaded):
         if desc.get("encoding") == "shm":
             sub.segments[index], sub.frames[index] = frame, None
@@ -372,11 +386,11 @@ def probe_segment() -> Segment:
 @contextlib.contextmanager
 def released_if_unsent(sub: Submission) -> Iterator[None]:
     """Around queueing ``sub``: if that fails, it was never sent, and its ``out`` arrays are
-    unmarked (see :meth:`Submission.release`)."""
+    unmarked (see :class:`Outs`)."""
     try:
         yield
     except BaseException:
-        sub.release()
+        sub.outs.release()
         raise
 
 
@@ -388,7 +402,7 @@ def released_if_refused(sub: Submission) -> Iterator[None]:
     try:
         yield
     except ServerError:
-        sub.release()
+        sub.outs.release()
         raise
 
 
@@ -430,8 +444,7 @@ class JobRecord:
         self.id, self.token, self.names = job_id, token, names
         self.uploads = list(uploads)
         self.segments: dict[int, tuple[Segment, Segment]] = {}  # shm images: (input, result)
-        self.outs: dict[int, np.ndarray] = {}  # the caller's arrays for results
-        self.writes = Submission([], [], [])  # its outs, marked written (``Submission.hold``)
+        self.outs = Outs()  # the caller's arrays for results, marked while written
         self.queue: deque[Event] = deque()
         self.results: dict[int, Event] = {}  # decoded only when asked
         self.errors: dict[int, tuple[str, str]] = {}
@@ -463,7 +476,7 @@ class JobRecord:
                 event.frames = [pair[1].array]  # the result is in its segment, mapped
             self._release(pair)
             if pair is not None:  # written by now: the result comes after its last strip
-                self.writes.release(index)
+                self.outs.release(index)
         elif event.type == "image_error" and isinstance(index, int) and index >= 0:
             self.errors[index] = (event.header.get("code", ""), event.header.get("message", ""))
             self._release(self.segments.pop(index, None))
@@ -497,7 +510,7 @@ class JobRecord:
             errors.update((i, ("lost", LOST_MESSAGE)) for i in self.unfinished())
         results = [self.results.get(i) for i in range(len(self.names))]
         images = [event.image() if event and event.frames else None for event in results]
-        for i, out in self.outs.items():  # the result segment is ``out``'s own: ``out`` itself
+        for i, out in self.outs.arrays.items():  # the result segment is out's own: out itself
             if i < len(images) and images[i] is not None:
                 images[i] = out
         written = {
@@ -923,9 +936,7 @@ class Connection:
         """An accepted submit: record the job and queue its uploads straight away."""
         job_id, token = header["job"], header["token"]
         record = self.jobs[job_id] = JobRecord(job_id, token, sub.names(), sub.frames)
-        record.segments, record.outs = dict(sub.segments), dict(sub.outs)
-        record.writes = Submission([], [], [], writes=sub.writes)  # its marks move here
-        sub.writes = {}  # so that a late refusal of this submit cannot unmark them
+        record.segments, record.outs = dict(sub.segments), sub.outs.take()
         for index, frame in enumerate(sub.frames):
             if frame is not None:
                 self._queue(pack("upload", [frame], job=job_id, token=token, index=index))

@@ -21,7 +21,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -48,6 +48,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # JPEG markers that stand alone, without a length (TEM, SOI; RST0-7 and EOI are handled apart).
 _JPEG_STANDALONE = (0x01, 0xD8)
 _JPEG_EOI = 0xD9
+_JPEG_SOS = 0xDA
 
 
 def png_end(data: bytes) -> int | None:
@@ -90,6 +91,34 @@ def jpeg_end(data: bytes) -> int | None:
         if pos + 4 > len(data):
             return None
         pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")  # past a segment, maybe beyond
+
+
+def jpeg_header(data: bytes | memoryview) -> Iterator[tuple[int, int]]:
+    """``(marker, offset)`` of each marker segment of a JPEG stream, from its start (after
+    the SOI, if any) up to and including its first start-of-scan; it stops early where the
+    data is no marker segment (so a caller that needs the scan checks it came)."""
+    at = 2 if bytes(data[:2]) == b"\xff\xd8" else 0
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # a fill byte
+            at += 1
+            continue
+        yield marker, at
+        if marker == _JPEG_SOS:
+            return
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_frame_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """The (height, width) a JPEG stream's frame header declares, or None if it has none
+    before its first scan (a tables-only stream)."""
+    for marker, at in jpeg_header(data):
+        if marker in _JPEG_SOF and at + 9 <= len(data):
+            return int.from_bytes(data[at + 5 : at + 7]), int.from_bytes(data[at + 7 : at + 9])
+    return None
 
 
 def _check_complete(data: bytes) -> None:

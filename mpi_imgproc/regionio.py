@@ -18,6 +18,7 @@ for TIFF, among them).  An 8-bit RGBA page with unassociated alpha is read as st
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import stat
@@ -29,6 +30,7 @@ import numpy as np
 import tifffile
 
 from .errors import ImageReadError, ImageWriteError
+from .imageio import jpeg_frame_size
 
 REGION_SUFFIXES = (".npy", ".tif", ".tiff")
 _DTYPES = (np.uint8, np.uint16)
@@ -37,17 +39,19 @@ _DTYPES = (np.uint8, np.uint16)
 _SWAPS = {3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGBA}
 
 
-def swap_red_blue(block: np.ndarray) -> np.ndarray:
-    """RGB(A) as BGR(A), or back (the same swap), as a new contiguous array; other shapes
-    unchanged.  ``cvtColor`` rather than NumPy's ``block[..., [2, 1, 0]]``: that gives an
-    array laid out channel-first, which every later copy (``ascontiguousarray``, OpenCV's
-    own conversion) walks element by element, about 20 times slower for a 6 MB strip."""
+def swap_red_blue(block: np.ndarray, own: bool = False) -> np.ndarray:
+    """RGB(A) as BGR(A), or back (the same swap), as a new contiguous array (``own``: the
+    caller's fresh array, swapped in place, one copy fewer); other shapes unchanged.
+    ``cvtColor`` rather than NumPy's ``block[..., [2, 1, 0]]``: that gives an array laid out
+    channel-first, which every later copy (``ascontiguousarray``, OpenCV's own conversion)
+    walks element by element, about 20 times slower for a 6 MB strip."""
     if block.ndim == 3 and block.shape[2] in _SWAPS:
         if block.size == 0:
             return block.copy()
         if not block.dtype.isnative:  # OpenCV would read a big-endian TIFF's bytes as they are
-            block = block.astype(block.dtype.newbyteorder("="))
-        return cv2.cvtColor(block, _SWAPS[block.shape[2]])
+            block, own = block.astype(block.dtype.newbyteorder("=")), True
+        in_place = own and block.flags.c_contiguous
+        return cv2.cvtColor(block, _SWAPS[block.shape[2]], dst=block if in_place else None)
     return block
 
 
@@ -89,7 +93,7 @@ def _open_regular(path: str) -> int:
     return fd
 
 
-class _FileReader(RegionReader):
+class FileReader(RegionReader):
     """Pixels stored row after row (C order) at ``offset`` of an open file, in the file's own
     byte order ``stored``: boxes are read with ``pread``, never through a memory map, so a file
     truncated under a worker is an ImageReadError, not a SIGBUS that kills the rank."""
@@ -100,7 +104,7 @@ class _FileReader(RegionReader):
         self.pixel = math.prod(self.shape[2:]) * stored.itemsize
         self.row = self.shape[1] * self.pixel
 
-    def rows(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """The clipped box as stored (channel order and all), in native byte order."""
         y0, y1, x0, x1 = self._clip(y0, y1, x0, x1)
         width, inner = self.shape[1], self.shape[2:]
@@ -121,10 +125,11 @@ class _FileReader(RegionReader):
             os.close(fd)
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(OSError):
+            self.close()
 
 
-class NpyReader(_FileReader):
+class NpyReader(FileReader):
     """A ``.npy`` file: its header parsed by NumPy, its pixels read by ``pread``."""
 
     def __init__(self, path: str):
@@ -151,9 +156,6 @@ class NpyReader(_FileReader):
             os.close(fd)
             raise
 
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return self.rows(y0, y1, x0, x1)
-
 
 def _unplain(page: Any) -> str | None:
     """Why a TIFF page's stored samples are not the pixels OpenCV decodes from it (so a region
@@ -178,29 +180,6 @@ def _unplain(page: Any) -> str | None:
     return next((why for ok, why in checks if not ok), None)
 
 
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_frame_size(data: bytes) -> tuple[int, int] | None:
-    """The (height, width) a JPEG stream's frame header declares, or None if it has none
-    before its first scan (a tables-only stream)."""
-    i = 2 if data[:2] == b"\xff\xd8" else 0
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _SOF and i + 9 <= len(data):
-            height, width = int.from_bytes(data[i + 5 : i + 7]), int.from_bytes(data[i + 7 : i + 9])
-            return height, width
-        if marker == 0xDA:
-            return None
-        i += 2 + int.from_bytes(data[i + 2 : i + 4])
-    return None
-
-
 class TiffReader(RegionReader):
     """The first page of a TIFF: an uncompressed contiguous one by ``pread`` of its rows, a
     striped or tiled one (any codec tifffile decodes) by the strips or tiles a box touches.
@@ -215,10 +194,10 @@ class TiffReader(RegionReader):
         self.page = page
         self.shape, self.dtype = tuple(page.shape), np.dtype(page.dtype).newbyteorder("=")
         self.chunk = page.chunks[:2]  # rows, columns of one strip or tile
-        self.rows_reader: _FileReader | None = None
+        self.rows_reader: FileReader | None = None
         if page.is_final:  # stored as it is decoded, from dataoffsets[0] on (tifffile)
             stored = np.dtype(page.dtype).newbyteorder(self.tif.byteorder)
-            self.rows_reader = _FileReader(os.dup(fd), page.dataoffsets[0], self.shape, stored)
+            self.rows_reader = FileReader(os.dup(fd), page.dataoffsets[0], self.shape, stored)
 
     @classmethod
     def open(cls, path: str) -> TiffReader | None:
@@ -237,8 +216,8 @@ class TiffReader(RegionReader):
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         try:
             if self.rows_reader is not None:  # one copy out of the page cache, then the swap
-                return swap_red_blue(self.rows_reader.rows(y0, y1, x0, x1))
-            return swap_red_blue(self._segments(*self._clip(y0, y1, x0, x1)))
+                return swap_red_blue(self.rows_reader.read(y0, y1, x0, x1), own=True)
+            return swap_red_blue(self._segments(*self._clip(y0, y1, x0, x1)), own=True)
         except ImageReadError:
             raise
         except MemoryError:

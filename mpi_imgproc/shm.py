@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ImageReadError, ImgprocError
-from .regionio import RegionReader, pread_into, pwrite_all
+from .regionio import FileReader, pwrite_all
 
 MAGIC = b"MIPSHM01"
 HEADER = 64  # bytes before the pixels: MAGIC, the nonce, zeros
@@ -97,7 +97,7 @@ class Segment:
     def __init__(self, shape: tuple[int, ...], dtype: str | np.dtype, name: str = "image"):
         self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
         self.kept = False  # True: a shared_array's, open as long as the array lives
-        # A shared_array's mark (connection.Submission.hold): a job writes its result here
+        # A shared_array's mark (connection.Outs): a job writes its result here
         # (``out``), or may still (it ended without its result).
         self.writer = False
         self.nonce = secrets.token_bytes(NONCE_BYTES)
@@ -365,29 +365,14 @@ def _open_checked(path: str, layout: dict[str, Any], writable: bool) -> tuple[in
     return fd, shape, dtype
 
 
-class SegmentReader(RegionReader):
-    """Regions of a segment rank 0 holds, for a worker on its host."""
+class SegmentReader(FileReader):
+    """Regions of a segment rank 0 holds, for a worker on its host: rows are read (whole rows
+    are one run of the segment), never mapped, since a worker would fault in every page of
+    its strips, a cost the kernel's copy does not have."""
 
     def __init__(self, path: str, layout: dict[str, Any]):
-        self.fd, self.shape, self.dtype = _open_checked(path, layout, writable=False)
-        self.row = math.prod(self.shape[1:]) * self.dtype.itemsize
-
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Rows are read (whole rows are one run of the segment), never mapped: a worker
-        would fault in every page of its strips, a cost the kernel's copy does not have."""
-        y0, y1 = max(0, y0), min(self.shape[0], y1)
-        rows = np.empty((y1 - y0, *self.shape[1:]), self.dtype)
-        pread_into(self.fd, rows, HEADER + y0 * self.row)
-        return rows if (x0, x1) == (0, self.shape[1]) else np.array(rows[:, x0:x1])
-
-    def close(self) -> None:
-        fd, self.fd = getattr(self, "fd", -1), -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        with contextlib.suppress(OSError):
-            self.close()
+        fd, shape, dtype = _open_checked(path, layout, writable=False)
+        super().__init__(fd, HEADER, shape, dtype)
 
 
 def write_rows(path: str, layout: dict[str, Any], y0: int, x0: int, block: np.ndarray) -> None:

@@ -41,7 +41,7 @@ import numpy as np
 
 from .datapaths import fd_path, open_beneath, open_entry, unlink_beneath, use_beneath
 from .errors import ImageReadError, ImageWriteError, ImgprocError, describe, error_code
-from .imageio import probe
+from .imageio import jpeg_header, probe
 from .regionio import pwrite_all, swap_red_blue
 
 STREAM_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
@@ -410,15 +410,11 @@ def _segments(data: memoryview) -> tuple[dict[int, list[int]], int]:
     """Where a JPEG's marker segments up to its scan start, by marker, and where the scan's
     data start."""
     found: dict[int, list[int]] = {}
-    at = 2  # after SOI
-    while True:
-        if at + 4 > len(data) or data[at] != 0xFF:
-            raise ImageWriteError("the JPEG encoder wrote a header this code does not parse")
-        marker, length = data[at + 1], _length(data, at)
+    for marker, at in jpeg_header(data):
         found.setdefault(marker, []).append(at)
-        at += 2 + length
         if marker == _SOS:
-            return found, at
+            return found, at + 2 + _length(data, at)
+    raise ImageWriteError("the JPEG encoder wrote a header this code does not parse")
 
 
 def _length(data: memoryview, at: int) -> int:
