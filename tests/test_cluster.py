@@ -378,7 +378,8 @@ def test_a_long_job_of_a_client_that_heartbeats_is_not_dropped():
     with running_cluster(2, "--client-timeout", "1.5") as cluster:
         with Client(cluster.address, heartbeat=0.3) as client:
             started = time.monotonic()
-            job = client.submit([image] * 16, ["bilateral:d=15", "median_blur:ksize=9"], tile=64)
+            # about 3 s of work on a quiet machine (16 images took 1.46 s, under the timeout)
+            job = client.submit([image] * 32, ["bilateral:d=15", "median_blur:ksize=9"], tile=64)
             result = job.result(timeout=100)
             elapsed = time.monotonic() - started
     assert result.state == "done" and result.ok, result.message
